@@ -1,0 +1,789 @@
+"""OASIS brain MRI slices: find, decode, cache, and (for machines without OASIS) synthesise.
+
+The data set is the `keras_png_slices_data` release of OASIS: one folder per split,
+`keras_png_slices_<split>/case_<id>_slice_<k>.nii.png`, 8-bit grayscale 256 x 256 axial
+slices. `load_split` decodes a split once into a uint8 array and caches it under
+`.cache/`; `make_demo` writes a synthetic stand-in in the same layout, built from the
+MNI152 template that ships inside nilearn, so everything runs offline.
+
+Sizes: by default slices load at 256 x 256 and files of another size are resized to it;
+`--image-size N` (image_size=N) resizes to N x N. Only image_size=None insists on
+256 x 256 files and reports any other size as an error.
+
+Command line:
+    python dataset.py --make-demo data/demo [--seed 0]
+    python dataset.py --data path/to/keras_png_slices_data --stats
+    python dataset.py --data demo --stats        # builds data/demo first if needed
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+SPLITS = ("train", "validate", "test")
+DEFAULT_DEMO_DIR = "data/demo"
+DEFAULT_CACHE_DIR = ".cache"
+
+NATIVE_SIZE = 256
+SPLIT_DIR_PREFIX = "keras_png_slices_"
+# Bump when the cache file's contents change meaning, so old caches are not trusted.
+CACHE_FORMAT_VERSION = 1
+# A pixel counts as foreground (head) above this fraction of full scale; by this measure
+# 30-41 % of a real OASIS slice is foreground.
+FOREGROUND_THRESHOLD = 0.1
+
+_SLICE_NAME = re.compile(r"case_([A-Za-z0-9]+)_slice_(\d+)\.nii\.png")
+
+
+class DataError(Exception):
+    """A problem with the data on disk; the message is one line and names the path."""
+
+
+@dataclass
+class SliceSet:
+    """All slices of one split, in `list_split_files` order."""
+
+    images: np.ndarray  # uint8 (N, H, W)
+    case_ids: np.ndarray  # str (N,), e.g. "013"
+    slice_idx: np.ndarray  # int64 (N,)
+    files: list[str]  # basenames, same order
+
+    def __post_init__(self):
+        lengths = {len(self.images), len(self.case_ids), len(self.slice_idx), len(self.files)}
+        if len(lengths) != 1:
+            raise ValueError(f"SliceSet fields disagree on length: {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+# --------------------------------------------------------------------------- finding files
+
+
+def parse_slice_name(name: str) -> tuple[str, int]:
+    """'case_013_slice_10.nii.png' -> ('013', 10)."""
+    match = _SLICE_NAME.fullmatch(name)
+    if match is None:
+        raise DataError(f"{name}: not an OASIS slice name (expected case_<id>_slice_<k>.nii.png)")
+    return match.group(1), int(match.group(2))
+
+
+def split_dir(root, split: str) -> Path:
+    """The folder holding one split, checked to exist."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root}: data path is a file, expected a folder")
+    folder = root / f"{SPLIT_DIR_PREFIX}{split}"
+    if not folder.is_dir():
+        raise DataError(f"{folder}: split folder missing (expected {SPLIT_DIR_PREFIX}<split> inside {root})")
+    return folder
+
+
+def _slice_sort_key(case_id: str, slice_number: int) -> tuple:
+    # Numeric ids first, in numeric order, so "9" comes before "10"; any others after, by text.
+    if case_id.isdigit():
+        return (0, int(case_id), case_id, slice_number)
+    return (1, 0, case_id, slice_number)
+
+
+def list_split_files(root, split: str) -> list[Path]:
+    """Every slice PNG of a split, ordered by case then slice number."""
+    folder = split_dir(root, split)
+    keyed = []
+    for path in folder.iterdir():
+        if not path.name.lower().endswith(".png") or not path.is_file():
+            continue
+        try:
+            case_id, slice_number = parse_slice_name(path.name)
+        except DataError:
+            raise DataError(f"{path}: file name does not match case_<id>_slice_<k>.nii.png") from None
+        keyed.append((_slice_sort_key(case_id, slice_number), path))
+    if not keyed:
+        raise DataError(f"{folder}: no case_<id>_slice_<k>.nii.png files in split folder")
+    keyed.sort(key=lambda item: (item[0], item[1].name))
+    return [path for _, path in keyed]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _to_gray_uint8(image: Image.Image) -> np.ndarray:
+    """8-bit gray pixels from any PNG mode, keeping the full intensity range."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit gray: rescale 0..65535 to 0..255; Pillow's own convert("L") would clip.
+        wide = np.asarray(image).astype(np.float64)
+        return np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+    if image.mode == "F":
+        return np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)
+    if image.mode != "L":
+        # RGB(A)/palette/1-bit: ITU-R 601 luma; alpha is ignored (slices are opaque).
+        image = image.convert("L")
+    return np.array(image, dtype=np.uint8)
+
+
+def _resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
+    # Resample in float so rounding happens once; Lanczos rings, hence the clip.
+    resized = Image.fromarray(pixels.astype(np.float32), mode="F").resize((size, size), Image.LANCZOS)
+    return np.clip(np.rint(np.asarray(resized)), 0, 255).astype(np.uint8)
+
+
+def read_slice(path, image_size: int | None = None) -> np.ndarray:
+    """One slice as uint8 (H, W).
+
+    image_size=None: the file must be 256 x 256 and is returned as is.
+    image_size=N: the image is resized to N x N (antialiased) unless it already is N x N.
+    """
+    _check_image_size(image_size)
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (zero bytes)")
+        with Image.open(path, formats=["PNG"]) as image:
+            image.load()
+            pixels = _to_gray_uint8(image)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{path}: not a PNG image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # Pillow reports truncated or corrupt PNG streams with any of these.
+        raise DataError(f"{path}: unreadable PNG ({_one_line(error)})") from None
+    height, width = pixels.shape
+    if image_size is None:
+        if (height, width) != (NATIVE_SIZE, NATIVE_SIZE):
+            raise DataError(
+                f"{path}: image is {width}x{height}, expected {NATIVE_SIZE}x{NATIVE_SIZE}; "
+                f"pass --image-size N to resize"
+            )
+        return pixels
+    if (height, width) != (image_size, image_size):
+        pixels = _resize_gray(pixels, image_size)
+    return pixels
+
+
+def _check_image_size(image_size: int | None) -> None:
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise DataError(f"--image-size must be a positive integer, got {image_size!r}")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def _cache_prefix(root: Path, split: str, image_size: int | None) -> str:
+    root_digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return f"slices_{root_digest}_{split}_{image_size or 'native'}_"
+
+
+def _files_fingerprint(root: Path, split: str, image_size: int | None, files: list[Path]) -> str:
+    # Names, sizes and mtimes are cheap to stat and change whenever a file is replaced.
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_FORMAT_VERSION}\0{root}\0{split}\0{image_size}\n".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _read_cache(cache_file: Path, n_files: int) -> SliceSet | None:
+    if not cache_file.is_file():
+        return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as saved:
+            slices = SliceSet(
+                images=saved["images"],
+                case_ids=saved["case_ids"],
+                slice_idx=saved["slice_idx"].astype(np.int64),
+                files=[str(name) for name in saved["files"]],
+            )
+    except Exception:  # a damaged cache is only a missed shortcut; decode again
+        return None
+    return slices if len(slices) == n_files else None
+
+
+def _write_cache_atomically(cache_file: Path, slices: SliceSet) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target so os.replace is a rename, never a half-written file.
+    handle = tempfile.NamedTemporaryFile(dir=cache_file.parent, prefix=".tmp_", suffix=".npz", delete=False)
+    try:
+        with handle:
+            np.savez(
+                handle,
+                images=slices.images,
+                case_ids=slices.case_ids,
+                slice_idx=slices.slice_idx,
+                files=np.array(slices.files),
+            )
+        os.replace(handle.name, cache_file)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale_caches(cache_dir: Path, prefix: str, keep: Path) -> None:
+    # Older versions of this split at this size would otherwise pile up after every edit.
+    for old in cache_dir.glob(f"{prefix}*.npz"):
+        if old != keep:
+            old.unlink(missing_ok=True)
+
+
+def _decode_files(files: list[Path], split: str, image_size: int | None, progress: bool) -> SliceSet:
+    side = image_size or NATIVE_SIZE
+    images = np.empty((len(files), side, side), dtype=np.uint8)
+    for i, path in enumerate(tqdm(files, desc=f"decoding {split}", unit="slice", disable=not progress)):
+        images[i] = read_slice(path, image_size)
+    names = [path.name for path in files]
+    parsed = [parse_slice_name(name) for name in names]
+    return SliceSet(
+        images=images,
+        case_ids=np.array([case_id for case_id, _ in parsed], dtype=str),
+        slice_idx=np.array([number for _, number in parsed], dtype=np.int64),
+        files=names,
+    )
+
+
+def load_split(
+    root,
+    split: str,
+    image_size: int | None = NATIVE_SIZE,
+    cache_dir=DEFAULT_CACHE_DIR,
+    progress: bool = True,
+) -> SliceSet:
+    """Every slice of a split as one uint8 array, decoded once and cached as .npz.
+
+    image_size=256 (the default) keeps 256 x 256 files untouched and resizes any other
+    size to 256; image_size=None instead insists every file is 256 x 256. The cache key
+    covers the resolved root, split, size and each file's name, size and mtime, so editing,
+    adding or removing a slice invalidates it. cache_dir=None turns caching off.
+    """
+    _check_image_size(image_size)
+    files = list_split_files(root, split)  # errors name the root as the caller gave it
+    if cache_dir is None:
+        return _decode_files(files, split, image_size, progress)
+    cache_dir = Path(cache_dir)
+    resolved = Path(root).resolve()
+    prefix = _cache_prefix(resolved, split, image_size)
+    cache_file = cache_dir / f"{prefix}{_files_fingerprint(resolved, split, image_size, files)}.npz"
+    cached = _read_cache(cache_file, len(files))
+    if cached is not None:
+        return cached
+    slices = _decode_files(files, split, image_size, progress)
+    try:
+        _write_cache_atomically(cache_file, slices)
+        _remove_stale_caches(cache_dir, prefix, keep=cache_file)
+    except OSError as error:  # a read-only checkout can still train, just slower to start
+        print(f"warning: could not write cache {cache_file}: {_one_line(error)}", file=sys.stderr)
+    return slices
+
+
+def load_split_tensor(
+    root,
+    split: str,
+    image_size: int | None = NATIVE_SIZE,
+    device="cpu",
+    cache_dir=DEFAULT_CACHE_DIR,
+    progress: bool = True,
+):
+    """`load_split` as a uint8 tensor (N, 1, H, W) on `device`, plus the SliceSet.
+
+    Kept uint8 so a whole split sits on the GPU at a quarter of the float size; scale to
+    [0, 1] per batch."""
+    import torch  # only this helper needs torch; the demo and --stats run without it
+
+    slices = load_split(root, split, image_size=image_size, cache_dir=cache_dir, progress=progress)
+    return torch.from_numpy(slices.images).unsqueeze(1).to(device), slices
+
+
+# --------------------------------------------------------------------------- demo set
+#
+# Geometry measured on the real OASIS PNGs: they are the 176 x 208 mm (left-right x
+# back-front) Talairach field of view at 1 mm per pixel, pasted at rows 40..215 and
+# columns 24..231 of a 256 x 256 canvas, front of the head to the right. The 32 slices
+# of a case run from the level of the third ventricle / ventricular atria up to the
+# bodies of the lateral ventricles, which is MNI z of about +3 to +30 mm. The heads are
+# not skull-stripped: a thin dark skull and a bright scalp (the brightest tissue, so it
+# sets the 255 of the min-max scaling) surround the brain, and a faint noisy halo with
+# ragged left and right edges (the scanner background left by OASIS's masking) sits
+# around the head.
+
+_DEMO_MARKER = "demo_complete.json"
+_DEMO_MARKER_TEMP = f".{_DEMO_MARKER}.tmp"
+_FOV_ROWS = (40, 216)
+_FOV_COLS = (24, 232)
+_CANVAS_CENTRE = (NATIVE_SIZE - 1) / 2
+_BAND_CENTRE_Z_MM = 16.0
+# Centre of the template's brain bounding box in the band, MNI mm (x, y).
+_BRAIN_CENTRE_XY_MM = (0.0, -17.0)
+# Template z range to keep: the band (z ~ +3..+31) plus room for tilt, deformation and
+# the skull closing below, which must not see the crop's edge.
+_MODEL_Z_RANGE_MM = (-30.0, 62.0)
+_MODEL_PAD_MM = 24
+_FAR_OUTSIDE_MM = 1000.0
+# The skull is convex where the brain has notches (between the hemispheres, front and
+# back), so skull and scalp are laid around the brain closed with a ball this size.
+_SKULL_CLOSING_MM = 15.0
+# Template-intensity stand-in for the CSF and meninges between brain and skull.
+_MENINGES_T1 = 0.5
+
+
+@dataclass
+class _HeadModel:
+    """The MNI152 T1 template cropped around the band, in 1 mm voxels."""
+
+    t1: np.ndarray  # float32 (X, Y, Z), template intensity in 0..1; _MENINGES_T1 outside the brain
+    outside_mm: np.ndarray  # float32 (X, Y, Z), distance outside the smoothed brain outline
+    origin_mm: np.ndarray  # MNI mm of voxel (0, 0, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _build_head_model() -> _HeadModel:
+    # Cached: a pure function of nilearn's template, ~3 s to build and ~50 MB to keep.
+    try:
+        from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
+        from scipy import ndimage
+    except ImportError as error:
+        raise DataError(f"building the demo set needs nilearn and scipy ({_one_line(error)})") from None
+    template = load_mni152_template(resolution=1)
+    brain_mask = load_mni152_brain_mask(resolution=1)
+    affine = template.affine
+    if not np.allclose(affine[:3, :3], np.eye(3)):
+        raise DataError("nilearn MNI152 template: expected a 1 mm RAS grid")
+    z_lo, z_hi = (int(round(z - affine[2, 3])) for z in _MODEL_Z_RANGE_MM)
+    t1 = template.get_fdata(dtype=np.float32)[:, :, z_lo:z_hi]
+    brain = brain_mask.get_fdata(dtype=np.float32)[:, :, z_lo:z_hi] > 0.5
+    # Outside the mask gets a dark-grey value, not 0: interpolating from brain down to 0
+    # would pass through the ventricles' near-black and draw a black contour round the brain.
+    t1 = np.where(brain, t1, _MENINGES_T1)
+    # Likewise the mask's own outer rim is mostly CSF in the template (a dark ring in the
+    # output); in the real slices that layer is dark grey, like the meninges.
+    rim = brain & (ndimage.distance_transform_edt(brain) <= 1.5)
+    t1 = np.where(rim, np.maximum(t1, _MENINGES_T1), t1).astype(np.float32)
+    pad = ((_MODEL_PAD_MM, _MODEL_PAD_MM), (_MODEL_PAD_MM, _MODEL_PAD_MM), (0, 0))
+    t1 = np.pad(t1, pad)
+    brain = np.pad(brain, pad)
+    outside_mm = ndimage.distance_transform_edt(~_close_with_ball(brain, _SKULL_CLOSING_MM)).astype(np.float32)
+    origin = affine[:3, 3] + np.array([-_MODEL_PAD_MM, -_MODEL_PAD_MM, z_lo])
+    return _HeadModel(t1=t1, outside_mm=outside_mm, origin_mm=origin.astype(np.float32))
+
+
+def _close_with_ball(mask: np.ndarray, radius_mm: float) -> np.ndarray:
+    # Morphological closing via two distance transforms: far cheaper than a ball-shaped
+    # structuring element this large.
+    from scipy import ndimage
+
+    dilated = ndimage.distance_transform_edt(~mask) <= radius_mm
+    return ndimage.distance_transform_edt(dilated) > radius_mm
+
+
+def _along(weights, axes) -> np.ndarray:
+    """w . (x, y, z) at every canvas voxel, by broadcasting the separable grid axes."""
+    x, y, z = axes
+    return (
+        np.float32(weights[0]) * x[None, :, None]
+        + np.float32(weights[1]) * y[None, None, :]
+        + np.float32(weights[2]) * z[:, None, None]
+    )
+
+
+def _random_plane_waves(rng: np.random.Generator, axes, n_waves: int, wavelength_mm, rms: float) -> np.ndarray:
+    """A smooth random scalar field on the canvas grid: a sum of random plane waves.
+
+    Evaluated directly at each voxel, so no coarse grid has to be built and interpolated."""
+    directions = rng.normal(size=(n_waves, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    wavenumbers = 2 * np.pi / rng.uniform(*wavelength_mm, size=n_waves)
+    phases = rng.uniform(0, 2 * np.pi, size=n_waves)
+    field = np.zeros((len(axes[2]), len(axes[0]), len(axes[1])), dtype=np.float32)
+    for direction, wavenumber, phase in zip(directions, wavenumbers, phases):
+        field += np.sin(_along(direction * wavenumber, axes) + np.float32(phase))
+    # Each unit sine has RMS 1/sqrt(2); independent phases add in quadrature.
+    return field * np.float32(rms * np.sqrt(2.0 / n_waves))
+
+
+def _rotation_matrix(angles_deg) -> np.ndarray:
+    ax, ay, az = np.deg2rad(angles_deg)
+    rot_x = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    rot_y = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rot_z = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rot_z @ rot_y @ rot_x
+
+
+def _canvas_axes_mm(rng: np.random.Generator, n_slices: int):
+    """Subject-space mm of the field of view's rows (x, left-right), columns (y, back to
+    front, front on the right) and slices (z, evenly spaced through the ventricle band)."""
+    band_start = rng.uniform(3.0, 6.0)
+    band_span = rng.uniform(21.0, 25.0)
+    fractions = np.linspace(0.0, 1.0, n_slices) if n_slices > 1 else np.array([0.5])
+    z = (band_start + band_span * fractions).astype(np.float32)
+    x = np.arange(*_FOV_ROWS, dtype=np.float32) - np.float32(_CANVAS_CENTRE)
+    y = np.arange(*_FOV_COLS, dtype=np.float32) - np.float32(_CANVAS_CENTRE)
+    return x, y, z
+
+
+def _subject_to_template_mm(rng: np.random.Generator, axes) -> np.ndarray:
+    """Template mm (3, S, H, W) that each canvas voxel samples: a random smooth deformation
+    (anisotropic scale, small rotation, shift, elastic waves, ventricle enlargement)."""
+    scale = np.array([rng.uniform(0.94, 1.07), rng.uniform(0.95, 1.08), rng.uniform(0.95, 1.05)])
+    rotation = _rotation_matrix([rng.uniform(-4, 4), rng.uniform(-2, 2), rng.uniform(-5, 5)])
+    shift = np.array([rng.uniform(-3, 3), rng.uniform(-4, 4), rng.uniform(-1.5, 1.5)])
+    linear = (rotation / scale[None, :]).astype(np.float32)
+    x, y, z = axes
+    x_full, y_full = _fuller_outline(rng, x, y)
+    z_centred = (z - np.float32(_BAND_CENTRE_Z_MM))[:, None, None]
+    template_centre = np.array([*_BRAIN_CENTRE_XY_MM, _BAND_CENTRE_Z_MM]) + shift
+    mapped = np.stack(
+        [
+            linear[axis, 0] * x_full + linear[axis, 1] * y_full + linear[axis, 2] * z_centred
+            + np.float32(template_centre[axis])
+            for axis in range(3)
+        ]
+    )
+    for axis in range(3):
+        mapped[axis] += _random_plane_waves(rng, axes, 3, (50.0, 140.0), rms=1.8)
+    return _enlarge_ventricles(rng, mapped)
+
+
+def _fuller_outline(rng: np.random.Generator, x: np.ndarray, y: np.ndarray):
+    # The template's head tapers at the front; real OASIS heads fill more of their bounding
+    # box (area / box 0.80 vs 0.75). Pulling diagonal points inwards fills the corners out.
+    fullness = np.float32(rng.uniform(0.0, 0.15))
+    xx, yy = x[:, None] / np.float32(80.0), y[None, :] / np.float32(100.0)
+    pull = 1 - fullness * np.minimum(xx * xx * yy * yy, 1.0)
+    return (x[:, None] * pull)[None], (y[None, :] * pull)[None]
+
+
+def _enlarge_ventricles(rng: np.random.Generator, mapped: np.ndarray) -> np.ndarray:
+    # Ventricles and sulci widen with age (OASIS spans 18-96 years); a radial pull towards
+    # the ventricles magnifies them. r -> r(1 - s exp(-r^2/2w^2)) stays monotone for s < 1.
+    strength = np.float32(rng.uniform(0.0, 0.3))
+    centre = np.array([0.0, -12.0, 16.0], dtype=np.float32)[:, None, None, None]
+    offset = mapped - centre
+    width_sq = np.float32(2 * 18.0**2)
+    pull = 1 - strength * np.exp(-(offset**2).sum(axis=0) / width_sq)
+    return centre + offset * pull
+
+
+def _sample(model: _HeadModel, template_mm: np.ndarray):
+    from scipy import ndimage
+
+    voxels = template_mm - model.origin_mm.astype(np.float32)[:, None, None, None]
+    t1 = ndimage.map_coordinates(model.t1, voxels, order=1, mode="constant", cval=_MENINGES_T1)
+    outside = ndimage.map_coordinates(
+        model.outside_mm, voxels, order=1, mode="constant", cval=_FAR_OUTSIDE_MM
+    )
+    return t1, outside
+
+
+def _brain_intensity(rng: np.random.Generator, t1: np.ndarray) -> np.ndarray:
+    # Template values: CSF ~0.2-0.4, grey ~0.6-0.7, white ~0.85. Real OASIS slices (as a
+    # fraction of the scalp-set maximum): ventricles ~0.07, grey ~0.3, white ~0.48. Atrophy
+    # pushes the CSF/grey partial-volume knee up, which opens the sulci as in older subjects.
+    atrophy = rng.uniform(0.0, 1.0)
+    knee = 0.45 + 0.10 * atrophy
+    csf = rng.uniform(0.05, 0.075)
+    grey = rng.uniform(0.22, 0.27)
+    white = rng.uniform(0.43, 0.49)
+    knots_t1 = [0.0, 0.3, knee, 0.66, 0.78, 0.88, 1.0]
+    knots_out = [csf, csf, csf + 0.05, grey, 0.5 * (grey + white), white, white + 0.03]
+    return np.interp(t1, knots_t1, knots_out).astype(np.float32)
+
+
+def _head_intensity(rng: np.random.Generator, t1: np.ndarray, outside: np.ndarray, axes):
+    """Float image in about 0..1 (scalp ~1), the head mask, and the head's outer edge in mm."""
+    csf_mm = rng.uniform(0.5, 1.5)
+    skull_mm = rng.uniform(2.0, 4.0)
+    # Scalp thickness varies around the head in the real slices.
+    scalp_mm = rng.uniform(3.5, 6.0) + _random_plane_waves(rng, axes, 2, (120.0, 250.0), rms=1.0)
+    # Fat under the scalp is patchy: its brightness varies around the head.
+    scalp_peak = np.clip(0.8 + _random_plane_waves(rng, axes, 3, (60.0, 160.0), rms=0.12), 0.5, 1.0)
+    brain = _sharpen_in_plane(rng, _brain_intensity(rng, t1))
+    skull_start = csf_mm
+    scalp_start = csf_mm + skull_mm
+    head_edge = scalp_start + scalp_mm
+    across_scalp = np.clip((outside - scalp_start) / scalp_mm, 0.0, 1.0)
+    # Measured profile: a steep rise from the skull to the fat just under it, then a
+    # gentler fall through muscle and skin; sin(pi s^0.75) peaks 40 % of the way out.
+    scalp = scalp_peak * np.clip(np.sin(np.pi * across_scalp**0.75), 0.0, None)
+    skull = np.float32(rng.uniform(0.12, 0.20))
+    image = np.where(outside <= skull_start, brain, np.where(outside <= scalp_start, skull, scalp))
+    head = outside < head_edge
+    return np.where(head, image, 0).astype(np.float32), head, head_edge
+
+
+def _sharpen_in_plane(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    # The template is an average of 152 brains and looks soft; single scans are crisper.
+    from scipy import ndimage
+
+    amount = np.float32(rng.uniform(0.4, 0.9))
+    blurred = ndimage.gaussian_filter(image, sigma=(0, 1.2, 1.2))
+    return np.clip(image + amount * (image - blurred), 0.0, None)
+
+
+def _ragged_halo(rng: np.random.Generator, near_head: np.ndarray) -> np.ndarray:
+    # Real halos end in ragged horizontal streaks on the left and right: fill each image
+    # row between its outermost near-head pixels, pushed out by a random amount per band
+    # of a few rows.
+    n_slices, height, width = near_head.shape
+    any_in_row = near_head.any(axis=2)
+    first = near_head.argmax(axis=2)
+    last = width - 1 - near_head[:, :, ::-1].argmax(axis=2)
+    band_rows = 4
+    n_bands = -(-height // band_rows)
+    push = rng.integers(0, 16, size=(2, n_slices, n_bands)).repeat(band_rows, axis=2)[:, :, :height]
+    columns = np.arange(width)[None, None, :]
+    inside = (columns >= (first - push[0])[..., None]) & (columns <= (last + push[1])[..., None])
+    return inside & any_in_row[..., None]
+
+
+def _synthesize_subject(model: _HeadModel, seed: int, subject: int, n_slices: int) -> np.ndarray:
+    """uint8 (n_slices, 256, 256) slices of one synthetic subject, a function of (seed, subject)."""
+    rng = np.random.default_rng([seed, subject])
+    axes = _canvas_axes_mm(rng, n_slices)
+    t1, outside = _sample(model, _subject_to_template_mm(rng, axes))
+    image, head, head_edge = _head_intensity(rng, t1, outside, axes)
+    bias = np.exp(_random_plane_waves(rng, axes, 3, (150.0, 400.0), rms=0.08))
+    gamma = np.float32(rng.uniform(0.85, 1.15))
+    image = _add_rician_noise(rng, (image * bias) ** gamma, head)
+    halo = _ragged_halo(rng, outside < head_edge + rng.uniform(2.0, 6.0)) & ~head
+    image = np.where(halo, _noise_floor(rng, image.shape), image)
+    return _to_canvas_uint8(image, head)
+
+
+def _add_rician_noise(rng: np.random.Generator, image: np.ndarray, head: np.ndarray) -> np.ndarray:
+    # MRI magnitude images carry Rician noise, |signal + complex Gaussian|; the level is
+    # set so flat white matter has a local s.d. of ~5/255 as in the real slices.
+    sigma = np.float32(rng.uniform(0.010, 0.018))
+    real_part = image + sigma * rng.standard_normal(image.shape, dtype=np.float32)
+    imaginary_part = sigma * rng.standard_normal(image.shape, dtype=np.float32)
+    return np.where(head, np.hypot(real_part, imaginary_part), 0)
+
+
+def _noise_floor(rng: np.random.Generator, shape) -> np.ndarray:
+    # Real halo pixels cluster at 5-20 of 255 and rarely pass 25 (the foreground
+    # threshold): narrower than Rayleigh noise, so a Gaussian around a small level.
+    level = np.float32(rng.uniform(0.03, 0.045))
+    noise = level * (1 + 0.35 * rng.standard_normal(shape, dtype=np.float32))
+    return np.clip(noise, np.float32(0.004), None)
+
+
+def _to_canvas_uint8(image: np.ndarray, head: np.ndarray) -> np.ndarray:
+    # Min-max per slice like OASIS, but with the top 0.05 % of head pixels saturated so a
+    # single noise spike cannot dim the whole slice.
+    slices = np.zeros((len(image), NATIVE_SIZE, NATIVE_SIZE), dtype=np.uint8)
+    for k, (plane, head_plane) in enumerate(zip(image, head)):
+        top = np.percentile(plane[head_plane], 99.95) if head_plane.any() else 1.0
+        scaled = np.clip(np.rint(plane * (255.0 / max(top, 1e-6))), 0, 255).astype(np.uint8)
+        slices[k, _FOV_ROWS[0] : _FOV_ROWS[1], _FOV_COLS[0] : _FOV_COLS[1]] = scaled
+    return slices
+
+
+def _demo_config(seed: int, n_train: int, n_validate: int, n_test: int, n_slices: int) -> dict:
+    return {
+        "seed": seed,
+        "cases": {"train": n_train, "validate": n_validate, "test": n_test},
+        "n_slices": n_slices,
+    }
+
+
+def _demo_case_ids(config: dict) -> dict[str, list[str]]:
+    # Case ids run 001, 002, ... across the splits, so no case is in two splits.
+    ids, start = {}, 1
+    for split in SPLITS:
+        count = config["cases"][split]
+        ids[split] = [f"{number:03d}" for number in range(start, start + count)]
+        start += count
+    return ids
+
+
+def demo_is_complete(out_dir, seed: int = 0, n_train=40, n_validate=6, n_test=4, n_slices=32) -> bool:
+    """True when out_dir holds a finished demo build with exactly this configuration."""
+    out_dir = Path(out_dir)
+    marker = out_dir / _DEMO_MARKER
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    config = _demo_config(seed, n_train, n_validate, n_test, n_slices)
+    if recorded != config:
+        return False
+    for split in SPLITS:
+        folder = out_dir / f"{SPLIT_DIR_PREFIX}{split}"
+        expected = config["cases"][split] * n_slices
+        if not folder.is_dir() or sum(1 for _ in folder.glob("case_*_slice_*.nii.png")) != expected:
+            return False
+    return True
+
+
+def _prepare_demo_dir(out_dir: Path) -> None:
+    # Only ever clear out our own files: out_dir comes from the command line.
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: demo path is a file, expected a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ours = {_DEMO_MARKER, _DEMO_MARKER_TEMP} | {f"{SPLIT_DIR_PREFIX}{split}" for split in SPLITS}
+    strangers = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in ours)
+    if strangers:
+        raise DataError(f"{out_dir}: refusing to build the demo set in a folder holding other files ({strangers[0]})")
+    (out_dir / _DEMO_MARKER).unlink(missing_ok=True)
+    for split in SPLITS:
+        folder = out_dir / f"{SPLIT_DIR_PREFIX}{split}"
+        folder.mkdir(exist_ok=True)
+        for old in folder.glob("case_*_slice_*.nii.png"):
+            old.unlink()
+
+
+def _write_marker_atomically(out_dir: Path, config: dict) -> None:
+    temporary = out_dir / _DEMO_MARKER_TEMP
+    temporary.write_text(json.dumps(config, indent=1) + "\n")
+    os.replace(temporary, out_dir / _DEMO_MARKER)
+
+
+def make_demo(
+    out_dir,
+    seed: int = 0,
+    n_train: int = 40,
+    n_validate: int = 6,
+    n_test: int = 4,
+    n_slices: int = 32,
+    progress: bool = True,
+) -> Path:
+    """Write a synthetic OASIS look-alike (MNI152-based subjects) in the OASIS layout.
+
+    Deterministic in `seed`; each subject depends only on (seed, its number). The marker
+    file is written last, so an interrupted build is seen as incomplete and rebuilt."""
+    for name, count in (("n_train", n_train), ("n_validate", n_validate), ("n_test", n_test), ("n_slices", n_slices)):
+        if count < 1:
+            raise DataError(f"make_demo: {name} must be at least 1, got {count}")
+    if seed < 0:
+        raise DataError(f"make_demo: seed must be non-negative, got {seed}")
+    out_dir = Path(out_dir)
+    config = _demo_config(seed, n_train, n_validate, n_test, n_slices)
+    model = _build_head_model()  # first: if nilearn is missing, leave any old build alone
+    _prepare_demo_dir(out_dir)
+    jobs = [(split, case_id) for split, ids in _demo_case_ids(config).items() for case_id in ids]
+    for split, case_id in tqdm(jobs, desc="demo subjects", unit="subject", disable=not progress):
+        slices = _synthesize_subject(model, seed, int(case_id), n_slices)
+        folder = out_dir / f"{SPLIT_DIR_PREFIX}{split}"
+        for number, pixels in enumerate(slices):
+            Image.fromarray(pixels, mode="L").save(folder / f"case_{case_id}_slice_{number}.nii.png", compress_level=1)
+    _write_marker_atomically(out_dir, config)
+    return out_dir
+
+
+def resolve_data_root(data: str, demo_dir=DEFAULT_DEMO_DIR, seed: int = 0) -> Path:
+    """`--data` value -> folder. "demo" means demo_dir, built there first if not complete
+    (or built with another seed); any other value is taken as the OASIS root as is."""
+    if data != "demo":
+        return Path(data)
+    demo_dir = Path(demo_dir)
+    if not demo_is_complete(demo_dir, seed=seed):
+        print(f"building the synthetic demo set in {demo_dir} (seed {seed}); later runs reuse it")
+        make_demo(demo_dir, seed=seed)
+    return demo_dir
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def slice_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-slice foreground fraction, mean intensity and foreground bounding box (rows, cols)."""
+    scaled = images.astype(np.float32) / 255.0
+    foreground = scaled > FOREGROUND_THRESHOLD
+    heights = np.array([_extent(mask.any(axis=1)) for mask in foreground])
+    widths = np.array([_extent(mask.any(axis=0)) for mask in foreground])
+    return {
+        "foreground": foreground.mean(axis=(1, 2)),
+        "mean": scaled.mean(axis=(1, 2)),
+        "bbox_height": heights,
+        "bbox_width": widths,
+    }
+
+
+def _extent(occupied: np.ndarray) -> int:
+    where = np.flatnonzero(occupied)
+    return int(where[-1] - where[0] + 1) if where.size else 0
+
+
+def _format_split_stats(split: str, slices: SliceSet) -> str:
+    stats = slice_statistics(slices.images)
+    parts = [f"{split:9s} {len(np.unique(slices.case_ids)):4d} cases {len(slices):6d} slices"]
+    for label, key, fmt in (
+        ("foreground", "foreground", ".3f"),
+        ("mean", "mean", ".3f"),
+        ("bbox h", "bbox_height", ".0f"),
+        ("bbox w", "bbox_width", ".0f"),
+    ):
+        values = stats[key]
+        parts.append(f"{label} {values.mean():{fmt}} [{values.min():{fmt}}, {values.max():{fmt}}]")
+    return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(description="OASIS slice loading, statistics and the synthetic demo set.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--make-demo", metavar="DIR", help="build the synthetic demo set in DIR")
+    action.add_argument("--stats", action="store_true", help="print per-split counts and image statistics of --data")
+    parser.add_argument("--data", default="demo", help='OASIS root folder, or "demo" for the synthetic set (default: demo)')
+    parser.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR, help=f"where --data demo lives (default: {DEFAULT_DEMO_DIR})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic demo set (default: 0)")
+    parser.add_argument("--image-size", type=int, default=NATIVE_SIZE, help="side length to load slices at (default: 256)")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"decoded-slice cache folder (default: {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--no-cache", action="store_true", help="decode every PNG, read and write no cache")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.make_demo:
+        started = time.perf_counter()
+        out_dir = make_demo(args.make_demo, seed=args.seed)
+        print(f"demo set written to {out_dir} in {time.perf_counter() - started:.1f} s")
+        return
+    root = resolve_data_root(args.data, demo_dir=args.demo_dir, seed=args.seed)
+    cache_dir = None if args.no_cache else args.cache_dir
+    print(f"data: {root}  (foreground = pixels > {FOREGROUND_THRESHOLD} of full scale; bbox in px)")
+    for split in SPLITS:
+        slices = load_split(root, split, image_size=args.image_size, cache_dir=cache_dir)
+        print(_format_split_stats(split, slices))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except (DataError, OSError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Models: the VQ-VAE (van den Oord et al. 2017, arXiv 1711.00937) and PixelCNN priors
+over its code indices (plain masked, and gated as in arXiv 1606.05328).
+
+This file holds only models: no file or data I/O.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import opt
+
+
+# ----------------------------------------------------------------------------- VQ-VAE
+
+@dataclass
+class VQVAEConfig:
+    in_channels: int = opt(1, "image channels")
+    hidden: int = opt(64, "channels after the strided convolutions (paper: 256)")
+    res_hidden: int = opt(32, "bottleneck channels inside a residual block")
+    n_res_blocks: int = opt(2, "residual blocks in encoder and decoder")
+    n_downsample: int = opt(2, "strided 4x4 convolutions; codes form an (image_size / 2**n) grid")
+    num_codes: int = opt(256, "codebook size (paper: 512)")
+    code_dim: int = opt(64, "dimension of each codebook vector")
+    beta: float = opt(0.25, "commitment cost (paper: 0.25)")
+    ema: bool = opt(True, "learn the codebook by exponential moving averages instead of by gradient")
+    ema_decay: float = opt(0.99, "decay of the codebook's moving averages")
+    dead_code_steps: int = opt(100, "re-seed codes unused for this many steps from encoder outputs; 0 = never")
+
+
+class ResidualStack(nn.Module):
+    """Residual blocks of ReLU, 3x3 conv, ReLU, 1x1 conv, as in the paper."""
+
+    def __init__(self, channels, res_hidden, n_blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.ReLU(),
+                nn.Conv2d(channels, res_hidden, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(res_hidden, channels, 1),
+            )
+            for _ in range(n_blocks)
+        )
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return F.relu(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        layers, channels = [], cfg.in_channels
+        for i in range(cfg.n_downsample):
+            out = cfg.hidden if i == cfg.n_downsample - 1 else cfg.hidden // 2
+            layers += [nn.Conv2d(channels, out, 4, stride=2, padding=1), nn.ReLU()]
+            channels = out
+        layers.append(nn.Conv2d(channels, cfg.hidden, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+        self.res = ResidualStack(cfg.hidden, cfg.res_hidden, cfg.n_res_blocks)
+        self.to_code = nn.Conv2d(cfg.hidden, cfg.code_dim, 1)
+
+    def forward(self, x):
+        return self.to_code(self.res(self.net(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.from_code = nn.Conv2d(cfg.code_dim, cfg.hidden, 3, padding=1)
+        self.res = ResidualStack(cfg.hidden, cfg.res_hidden, cfg.n_res_blocks)
+        layers, channels = [], cfg.hidden
+        for i in range(cfg.n_downsample):
+            last = i == cfg.n_downsample - 1
+            out = cfg.in_channels if last else cfg.hidden // 2
+            layers.append(nn.ConvTranspose2d(channels, out, 4, stride=2, padding=1))
+            if not last:
+                layers.append(nn.ReLU())
+            channels = out
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(self.res(self.from_code(z)))  # logits; sigmoid gives [0, 1] intensities
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour codebook lookup with a straight-through gradient.
+
+    Codebook learning is either by gradient (codebook loss ||sg[z] - e||^2) or by
+    exponential moving averages of the assigned encoder outputs (paper, appendix A.1).
+    The codebook is seeded from the first batch of encoder outputs, and codes unused
+    for `dead_code_steps` training steps are re-seeded from the current batch: a
+    codebook that starts far from the encoder's outputs collapses to a few codes here.
+    Distances, lookup and updates always run in float32, also under autocast.
+    """
+
+    def __init__(self, num_codes, code_dim, beta=0.25, ema=True, ema_decay=0.99,
+                 dead_code_steps=100, eps=1e-5):
+        super().__init__()
+        self.num_codes, self.code_dim = num_codes, code_dim
+        self.beta, self.ema, self.decay, self.eps = beta, ema, ema_decay, eps
+        self.dead_code_steps = dead_code_steps
+        self.codebook = nn.Parameter(torch.randn(num_codes, code_dim) / math.sqrt(code_dim),
+                                     requires_grad=not ema)
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("steps_unused", torch.zeros(num_codes, dtype=torch.long))
+        self.register_buffer("ema_count", torch.ones(num_codes))
+        self.register_buffer("ema_sum", self.codebook.detach().clone())
+
+    def nearest_codes(self, flat):
+        # ||z||^2 - 2 z.e + ||e||^2; the ||z||^2 term does not change the argmin.
+        distances = (self.codebook.pow(2).sum(1)[None, :] - 2 * flat @ self.codebook.t())
+        return distances.argmin(1)
+
+    def forward(self, z):
+        """z: (B, D, H, W) -> (quantized z, vq loss, indices (B, H, W), stats dict)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            b, d, h, w = z.shape
+            flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+            if self.training and not bool(self.initialized):
+                self._seed_codebook(flat)
+            indices = self.nearest_codes(flat.detach())
+            one_hot = F.one_hot(indices, self.num_codes).type_as(flat)
+            if self.training:
+                self._update_codebook(flat.detach(), indices, one_hot)
+            quantized = self.codebook[indices]
+
+            commitment = F.mse_loss(flat, quantized.detach())
+            loss = self.beta * commitment
+            if not self.ema:
+                loss = loss + F.mse_loss(quantized, flat.detach())
+            quantized = flat + (quantized - flat).detach()  # straight-through estimator
+
+            counts = one_hot.sum(0)
+            probs = counts / counts.sum()
+            stats = {
+                "perplexity": torch.exp(-(probs * torch.log(probs + 1e-10)).sum()).detach(),
+                "codes_used": (counts > 0).sum().detach(),
+            }
+            quantized = quantized.view(b, h, w, d).permute(0, 3, 1, 2).contiguous()
+            return quantized, loss, indices.view(b, h, w), stats
+
+    @torch.no_grad()
+    def _seed_codebook(self, flat):
+        self.codebook.data.copy_(self._random_rows(flat, self.num_codes))
+        self.ema_sum.copy_(self.codebook.data)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _update_codebook(self, flat, indices, one_hot):
+        counts = one_hot.sum(0)
+        if self.ema:
+            self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            self.ema_sum.mul_(self.decay).add_(one_hot.t() @ flat, alpha=1 - self.decay)
+            # Laplace smoothing keeps codes with a tiny count from dividing by ~0.
+            n = self.ema_count.sum()
+            smoothed = (self.ema_count + self.eps) / (n + self.num_codes * self.eps) * n
+            self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
+        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
+        if self.dead_code_steps > 0:
+            dead = self.steps_unused >= self.dead_code_steps
+            n_dead = int(dead.sum())
+            if n_dead:
+                self.restart_codes(dead, flat)
+
+    @torch.no_grad()
+    def restart_codes(self, dead, flat):
+        """Move the codes marked in `dead` onto randomly chosen encoder outputs."""
+        fresh = self._random_rows(flat, int(dead.sum()))
+        self.codebook.data[dead] = fresh
+        self.ema_sum[dead] = fresh
+        self.ema_count[dead] = 1.0
+        self.steps_unused[dead] = 0
+
+    @staticmethod
+    def _random_rows(flat, n):
+        pick = torch.randint(0, flat.shape[0], (n,), device=flat.device)
+        return flat[pick]
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta, cfg.ema,
+                                         cfg.ema_decay, cfg.dead_code_steps)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, x):
+        """x in [0, 1], (B, C, H, W) -> (reconstruction logits, vq loss, indices, stats)."""
+        z_q, vq_loss, indices, stats = self.quantizer(self.encoder(x))
+        return self.decoder(z_q), vq_loss, indices, stats
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return torch.sigmoid(self.forward(x)[0]).float()
+
+    @torch.no_grad()
+    def encode_to_indices(self, x):
+        return self.quantizer(self.encoder(x))[2]
+
+    @torch.no_grad()
+    def decode_indices(self, indices):
+        z_q = self.quantizer.codebook[indices].permute(0, 3, 1, 2)
+        return torch.sigmoid(self.decoder(z_q)).float()
+
+
+# ----------------------------------------------------------------------------- PixelCNN
+
+class MaskedConv2d(nn.Conv2d):
+    """Convolution that sees only positions before the centre in raster order.
+
+    Type A also hides the centre (first layer: a code must not see itself);
+    type B shows it (later layers: the centre then holds features of earlier codes).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, mask_type):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        if mask_type not in ("A", "B"):
+            raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
+        k = kernel_size
+        mask = torch.ones(k, k)
+        mask[k // 2, k // 2 + (mask_type == "B"):] = 0
+        mask[k // 2 + 1:] = 0
+        self.register_buffer("mask", mask[None, None])
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+
+@dataclass
+class PixelCNNConfig:
+    num_codes: int = opt(256, "codebook size; taken from the VQ-VAE checkpoint")
+    kind: str = opt("gated", "gated: vertical+horizontal stacks, no blind spot; plain: masked convolutions",
+                    choices=["gated", "plain"])
+    hidden: int = opt(64, "channels in every layer")
+    n_layers: int = opt(12, "layers; gated layers widen the view by kernel // 2 rows and columns each")
+    kernel: int = opt(7, "kernel width of the gated layers")
+    n_conditions: int = opt(32, "slice positions to condition on; 0 = unconditional")
+    dropout: float = opt(0.0, "dropout inside the layers")
+
+
+class PlainResidualBlock(nn.Module):
+    def __init__(self, hidden, dropout):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(hidden, hidden // 2, 1),
+            nn.ReLU(), MaskedConv2d(hidden // 2, hidden // 2, 3, "B"),
+            nn.ReLU(), nn.Dropout(dropout), nn.Conv2d(hidden // 2, hidden, 1),
+        )
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class PlainPixelCNN(nn.Module):
+    """PixelCNN of masked convolutions (van den Oord et al. 2016, arXiv 1601.06759)."""
+
+    def __init__(self, cfg: PixelCNNConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.num_codes, cfg.hidden)
+        self.cond = nn.Embedding(cfg.n_conditions, cfg.hidden) if cfg.n_conditions else None
+        self.first = MaskedConv2d(cfg.hidden, cfg.hidden, 7, "A")
+        self.blocks = nn.Sequential(*(PlainResidualBlock(cfg.hidden, cfg.dropout)
+                                      for _ in range(cfg.n_layers)))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(cfg.hidden, cfg.hidden, 1), nn.ReLU(),
+                                  nn.Conv2d(cfg.hidden, cfg.num_codes, 1))
+
+    def forward(self, indices, cond=None):
+        x = self.first(self.embed(indices).permute(0, 3, 1, 2))
+        if self.cond is not None:
+            x = x + self.cond(cond)[:, :, None, None]
+        return self.head(self.blocks(x))
+
+
+def gate(x, cond_bias=None):
+    if cond_bias is not None:
+        x = x + cond_bias
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer with a vertical and a horizontal stack (arXiv 1606.05328, fig. 2).
+
+    The vertical stack sees the rows at and above each position (its output at row r
+    depends on input rows <= r); it reaches the horizontal stack shifted down one row,
+    so row r's horizontal stack only hears about rows < r. The horizontal stack sees the
+    current row up to the centre, excluding it in the first layer. Together they cover
+    everything above and to the left, with no blind spot.
+    """
+
+    def __init__(self, hidden, kernel, first, n_conditions, dropout):
+        super().__init__()
+        half = kernel // 2
+        self.first = first
+        self.v_pad = (half, half, half, 0)                  # left, right, top, bottom
+        self.v_conv = nn.Conv2d(hidden, 2 * hidden, (half + 1, kernel))
+        h_width = half if first else half + 1
+        self.h_pad = (h_width - 1 + first, 0, 0, 0)
+        self.h_conv = nn.Conv2d(hidden, 2 * hidden, (1, h_width))
+        self.v_to_h = nn.Conv2d(2 * hidden, 2 * hidden, 1)
+        self.h_out = nn.Conv2d(hidden, hidden, 1)
+        self.skip = nn.Conv2d(hidden, hidden, 1)
+        self.dropout = nn.Dropout(dropout)
+        self.cond = nn.Embedding(n_conditions, 4 * hidden) if n_conditions else None
+
+    def cond_biases(self, cond):
+        if self.cond is None:
+            return None, None
+        v_bias, h_bias = self.cond(cond)[:, :, None, None].chunk(2, dim=1)
+        return v_bias, h_bias
+
+    def vertical(self, v, cond):
+        """-> (vertical output, pre-gate features shifted down one row for the horizontal stack)."""
+        pre = self.v_conv(F.pad(v, self.v_pad))
+        v_out = gate(pre, self.cond_biases(cond)[0])
+        shifted = F.pad(pre, (0, 0, 1, 0))[:, :, :-1]
+        return v_out, shifted
+
+    def horizontal(self, h, v_shifted, cond):
+        """Works on any band of rows: the horizontal stack never mixes rows."""
+        if self.first:
+            pre = self.h_conv(F.pad(h, self.h_pad)[..., :-1])   # exclude the centre
+        else:
+            pre = self.h_conv(F.pad(h, self.h_pad))
+        out = self.dropout(gate(pre + self.v_to_h(v_shifted), self.cond_biases(cond)[1]))
+        skip = self.skip(out)
+        h_out = self.h_out(out)
+        return (h_out if self.first else h + h_out), skip
+
+
+class GatedPixelCNN(nn.Module):
+    def __init__(self, cfg: PixelCNNConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.num_codes, cfg.hidden)
+        self.layers = nn.ModuleList(
+            GatedLayer(cfg.hidden, cfg.kernel, i == 0, cfg.n_conditions, cfg.dropout)
+            for i in range(cfg.n_layers)
+        )
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(cfg.hidden, cfg.hidden, 1), nn.ReLU(),
+                                  nn.Conv2d(cfg.hidden, cfg.num_codes, 1))
+
+    def vertical_features(self, indices, cond=None):
+        """Shifted vertical features of every layer; row r depends on code rows < r only."""
+        v = self.embed(indices).permute(0, 3, 1, 2)
+        features = []
+        for layer in self.layers:
+            v, shifted = layer.vertical(v, cond)
+            features.append(shifted)
+        return features
+
+    def horizontal_logits(self, indices, v_features, cond=None):
+        h = self.embed(indices).permute(0, 3, 1, 2)
+        skips = 0
+        for layer, v_shifted in zip(self.layers, v_features):
+            h, skip = layer.horizontal(h, v_shifted, cond)
+            skips = skips + skip
+        return self.head(skips)
+
+    def forward(self, indices, cond=None):
+        """indices (B, H, W) long -> logits (B, num_codes, H, W)."""
+        return self.horizontal_logits(indices, self.vertical_features(indices, cond), cond)
+
+
+def build_prior(cfg: PixelCNNConfig):
+    if cfg.kind == "gated":
+        return GatedPixelCNN(cfg)
+    if cfg.kind == "plain":
+        return PlainPixelCNN(cfg)
+    raise ValueError(f"unknown PixelCNN kind {cfg.kind!r}; expected 'gated' or 'plain'")
+
+
+@torch.no_grad()
+def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=None,
+                 progress=None):
+    """Ancestral sampling in raster order; returns (n, height, width) code indices.
+
+    The gated model recomputes its vertical stacks once per row and only the cheap
+    horizontal stack per position, which is exact because rows never mix there.
+    """
+    device = next(model.parameters()).device
+    codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
+    gated = isinstance(model, GatedPixelCNN)
+    for row in range(height):
+        v_features = None
+        if gated:
+            above = codes[:, :row + 1]
+            v_features = [f[:, :, row:row + 1] for f in model.vertical_features(above, cond)]
+        for col in range(width):
+            if gated:
+                logits = model.horizontal_logits(codes[:, row:row + 1], v_features, cond)[:, :, 0, col]
+            else:
+                logits = model(codes, cond)[:, :, row, col]
+            probs = F.softmax(logits.float() / temperature, dim=1)
+            codes[:, row, col] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if progress is not None:
+            progress.update(1)
+    return codes

@@ -1,0 +1,218 @@
+import torch
+import torch.nn.functional as F
+
+from modules import (VQVAE, GatedPixelCNN, MaskedConv2d, PixelCNNConfig, VectorQuantizer,
+                     VQVAEConfig, build_prior, sample_codes)
+from utils import ssim_per_image
+
+TINY_VQ = dict(hidden=16, res_hidden=8, num_codes=32, code_dim=8)
+
+
+def test_vqvae_shapes_through_every_module():
+    torch.manual_seed(0)
+    for n_down in (2, 3):
+        model = VQVAE(VQVAEConfig(n_downsample=n_down, **TINY_VQ))
+        x = torch.rand(3, 1, 64, 64)
+        z = model.encoder(x)
+        grid = 64 // 2 ** n_down
+        assert z.shape == (3, 8, grid, grid)
+        logits, vq_loss, indices, stats = model(x)
+        assert logits.shape == x.shape
+        assert indices.shape == (3, grid, grid) and indices.dtype == torch.long
+        assert vq_loss.ndim == 0 and vq_loss >= 0
+        assert 1 <= stats["perplexity"] <= 32
+        assert model.decode_indices(indices).shape == x.shape
+
+
+def test_quantizer_returns_codebook_vectors_and_passes_gradients_straight_through():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4, ema=False, dead_code_steps=0)
+    vq.eval()
+    z = torch.randn(2, 4, 5, 5, requires_grad=True)
+    quantized, _, indices, _ = vq(z)
+    flat = quantized.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.allclose(flat, vq.codebook[indices.flatten()])
+    # each chosen code is the nearest one by Euclidean distance
+    distances = torch.cdist(z.detach().permute(0, 2, 3, 1).reshape(-1, 4), vq.codebook.detach())
+    assert torch.equal(indices.flatten(), distances.argmin(1))
+    weights = torch.randn_like(quantized)
+    (quantized * weights).sum().backward()
+    assert torch.allclose(z.grad, weights)
+
+
+def test_ema_update_moves_codes_toward_assigned_encoder_outputs():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 2, ema=True, ema_decay=0.5, dead_code_steps=0)
+    vq.initialized.fill_(True)
+    vq.codebook.data = torch.tensor([[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0], [10.0, -10.0]])
+    vq.ema_sum.copy_(vq.codebook.data)
+    target = torch.tensor([1.0, 1.0])
+    z = target.view(1, 2, 1, 1).expand(1, 2, 3, 3).contiguous()
+    before = (vq.codebook[0] - target).norm()
+    vq.train()
+    vq(z)
+    after = (vq.codebook[0] - target).norm()
+    assert after < before
+    assert torch.allclose(vq.codebook[1], torch.tensor([10.0, 10.0]), atol=1e-3)  # unassigned: stay put
+
+
+def is_row_of(rows, table):
+    return (rows[:, None] == table[None]).all(-1).any(1)
+
+
+def test_a_dead_code_is_restarted_from_encoder_outputs():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 3, ema=True, dead_code_steps=3)
+    vq.train()
+    z = torch.randn(1, 3, 4, 4)
+    vq(z)  # seeds the codebook from z
+    vq.codebook.data[5] = 1e3  # a code far from everything: never chosen
+    vq.ema_sum[5] = 1e3
+    for _ in range(3):
+        vq(z)
+    outputs = z.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert (vq.codebook[5].abs() < 1e2).all()
+    assert is_row_of(vq.codebook[5:6].detach(), outputs).all()
+    assert vq.steps_unused[5] < 3
+
+
+def test_codebook_is_seeded_from_the_first_batch():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 3, ema=False, dead_code_steps=0)
+    z = torch.randn(2, 3, 4, 4) + 50
+    vq.train()
+    vq(z)
+    outputs = z.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert is_row_of(vq.codebook.detach(), outputs).all()
+
+
+def test_quantizer_runs_in_float32_under_bf16_autocast():
+    vq = VectorQuantizer(8, 4, dead_code_steps=0)
+    vq.train()
+    z = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        quantized, loss, _, _ = vq(z)
+    assert quantized.dtype == torch.float32 and loss.dtype == torch.float32
+    assert vq.codebook.dtype == torch.float32
+
+
+def input_gradient_map(forward, height, width, row, col, channels):
+    """|d output[row, col] / d input| summed over channels, as a (height, width) map."""
+    x = torch.randn(1, channels, height, width, dtype=torch.float64, requires_grad=True)
+    out = forward(x)
+    out[0, :, row, col].sum().backward()
+    return x.grad[0].abs().sum(0)
+
+
+def raster(height, width):
+    return torch.arange(height * width).view(height, width)
+
+
+def test_masked_conv_type_a_never_sees_current_or_later_positions():
+    torch.manual_seed(0)
+    conv = MaskedConv2d(2, 3, 5, "A").double()
+    for row, col in [(0, 0), (3, 4), (7, 7), (4, 0)]:
+        grad = input_gradient_map(conv, 8, 8, row, col, 2)
+        pos = row * 8 + col
+        assert (grad[raster(8, 8) >= pos] == 0).all()
+        if pos > 0:
+            assert grad[raster(8, 8) < pos].sum() > 0
+
+
+def test_masked_conv_type_b_sees_current_but_never_later_positions():
+    torch.manual_seed(0)
+    conv = MaskedConv2d(2, 3, 5, "B").double()
+    grad = input_gradient_map(conv, 8, 8, 3, 4, 2)
+    assert (grad[raster(8, 8) > 3 * 8 + 4] == 0).all()
+    assert grad[3, 4] > 0
+
+
+def prior_input_gradients(model, indices, row, col):
+    """Gradient of the logits at (row, col) with respect to every input code's embedding."""
+    embedded = model.embed(indices).detach().requires_grad_(True)
+    original = model.embed.forward
+    model.embed.forward = lambda _: embedded
+    try:
+        logits = model(indices, torch.zeros(len(indices), dtype=torch.long))
+    finally:
+        model.embed.forward = original
+    logits[0, :, row, col].sum().backward()
+    return embedded.grad[0].abs().sum(-1)
+
+
+def test_gated_pixelcnn_is_causal_and_has_no_blind_spot():
+    torch.manual_seed(0)
+    cfg = PixelCNNConfig(num_codes=10, hidden=8, n_layers=4, kernel=5, n_conditions=2)
+    model = build_prior(cfg).double()
+    h = w = 8
+    indices = torch.randint(0, 10, (1, h, w))
+    for row, col in [(0, 0), (0, 5), (1, 0), (3, 3), (4, 7), (7, 0), (7, 7)]:
+        grad = prior_input_gradients(model, indices, row, col)
+        pos = raster(h, w)
+        assert (grad[pos >= row * w + col] == 0).all(), (row, col)
+        # every earlier position is seen, including the up-right ones a plain stack misses
+        assert (grad[pos < row * w + col] > 0).all(), (row, col)
+
+
+def test_plain_pixelcnn_is_causal_but_has_a_blind_spot():
+    torch.manual_seed(0)
+    cfg = PixelCNNConfig(num_codes=10, kind="plain", hidden=8, n_layers=4, n_conditions=2)
+    model = build_prior(cfg).double()
+    indices = torch.randint(0, 10, (1, 8, 8))
+    grad = prior_input_gradients(model, indices, 5, 3)
+    assert (grad[raster(8, 8) >= 5 * 8 + 3] == 0).all()
+    assert grad[4, 7] == 0  # up and to the right: the blind spot of stacked masked convolutions
+
+
+def test_conditioning_changes_the_output_distribution():
+    torch.manual_seed(0)
+    for kind in ("gated", "plain"):
+        model = build_prior(PixelCNNConfig(num_codes=10, kind=kind, hidden=8, n_layers=2, n_conditions=4))
+        torch.nn.init.normal_(model.layers[0].cond.weight if kind == "gated" else model.cond.weight)
+        indices = torch.randint(0, 10, (1, 6, 6))
+        a = model(indices, torch.tensor([0]))
+        b = model(indices, torch.tensor([3]))
+        assert not torch.allclose(a, b)
+
+
+def test_sampling_with_a_fixed_seed_is_reproducible_and_in_range():
+    torch.manual_seed(0)
+    model = build_prior(PixelCNNConfig(num_codes=10, hidden=8, n_layers=2, n_conditions=4)).eval()
+    cond = torch.tensor([0, 3])
+    a = sample_codes(model, 2, 5, 6, cond, generator=torch.Generator().manual_seed(7))
+    b = sample_codes(model, 2, 5, 6, cond, generator=torch.Generator().manual_seed(7))
+    c = sample_codes(model, 2, 5, 6, cond, generator=torch.Generator().manual_seed(8))
+    assert a.shape == (2, 5, 6) and a.min() >= 0 and a.max() < 10
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_gated_row_by_row_sampling_uses_the_same_logits_as_the_full_model():
+    """Sampling with greedy decoding (temperature -> 0) must reproduce the full model's argmax."""
+    torch.manual_seed(0)
+    model = build_prior(PixelCNNConfig(num_codes=12, hidden=8, n_layers=3, kernel=5, n_conditions=3)).eval()
+    assert isinstance(model, GatedPixelCNN)
+    cond = torch.tensor([1, 2])
+    codes = sample_codes(model, 2, 6, 7, cond, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    logits = model(codes, cond)
+    # each sampled code is the argmax of the full model's logits given the codes before it
+    assert torch.equal(codes, logits.argmax(1))
+
+
+def test_tiny_vqvae_overfits_a_handful_of_images():
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 24), torch.linspace(-1, 1, 24), indexing="ij")
+    images = torch.stack([((xx - a) ** 2 / 0.4 + (yy - b) ** 2 / 0.25 < 1).float() * (0.4 + 0.5 * c)
+                          for a, b, c in [(0, 0, 1), (0.2, -0.1, 0.5), (-0.2, 0.1, 0.7), (0.1, 0.2, 0.3)]])
+    images = images[:, None]
+    model = VQVAE(VQVAEConfig(hidden=32, res_hidden=16, num_codes=32, code_dim=16, dead_code_steps=20))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        logits, vq_loss, _, _ = model(images)
+        loss = F.mse_loss(torch.sigmoid(logits), images) + vq_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert ssim_per_image(images, model.reconstruct(images)).mean() > 0.9
