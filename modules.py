@@ -27,7 +27,7 @@ class VQVAEConfig:
     beta: float = opt(0.25, "commitment cost (paper: 0.25)")
     ema: bool = opt(True, "learn the codebook by exponential moving averages instead of by gradient")
     ema_decay: float = opt(0.99, "decay of the codebook's moving averages")
-    dead_code_steps: int = opt(100, "re-seed codes unused for this many steps from encoder outputs; 0 = never")
+    dead_code_steps: int = opt(20, "re-seed codes unused for this many steps from encoder outputs; 0 = never")
 
 
 class ResidualStack(nn.Module):
@@ -99,7 +99,7 @@ class VectorQuantizer(nn.Module):
     """
 
     def __init__(self, num_codes, code_dim, beta=0.25, ema=True, ema_decay=0.99,
-                 dead_code_steps=100, eps=1e-5):
+                 dead_code_steps=20, eps=1e-5):
         super().__init__()
         self.num_codes, self.code_dim = num_codes, code_dim
         self.beta, self.ema, self.decay, self.eps = beta, ema, ema_decay, eps
@@ -240,11 +240,33 @@ class PixelCNNConfig:
     num_codes: int = opt(256, "codebook size; taken from the VQ-VAE checkpoint")
     kind: str = opt("gated", "gated: vertical+horizontal stacks, no blind spot; plain: masked convolutions",
                     choices=["gated", "plain"])
-    hidden: int = opt(64, "channels in every layer")
+    hidden: int = opt(32, "channels in every layer")
     n_layers: int = opt(12, "layers; gated layers widen the view by kernel // 2 rows and columns each")
-    kernel: int = opt(7, "kernel width of the gated layers")
+    kernel: int = opt(5, "kernel width of the gated layers")
     n_conditions: int = opt(32, "slice positions to condition on; 0 = unconditional")
+    grid_size: int = opt(32, "side of the code grid; taken from the VQ-VAE checkpoint")
     dropout: float = opt(0.0, "dropout inside the layers")
+
+
+class CodeEmbedding(nn.Module):
+    """Code embeddings plus a learnt embedding of each grid position.
+
+    Without the position a layer only knows where it is from the zero padding within
+    its receptive field, and samples drift: a second head starts at the bottom of the grid.
+    The position is not data, so adding it everywhere keeps the model causal.
+    """
+
+    def __init__(self, num_codes, hidden, grid_size):
+        super().__init__()
+        self.codes = nn.Embedding(num_codes, hidden)
+        self.position = nn.Parameter(torch.zeros(1, hidden, grid_size, grid_size))
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, indices, row_offset=0):
+        """indices (B, h, w), rows starting at row_offset -> (B, hidden, h, w)."""
+        h, w = indices.shape[1:]
+        x = self.codes(indices).permute(0, 3, 1, 2)
+        return x + self.position[:, :, row_offset:row_offset + h, :w]
 
 
 class PlainResidualBlock(nn.Module):
@@ -266,7 +288,7 @@ class PlainPixelCNN(nn.Module):
     def __init__(self, cfg: PixelCNNConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.num_codes, cfg.hidden)
+        self.embed = CodeEmbedding(cfg.num_codes, cfg.hidden, cfg.grid_size)
         self.cond = nn.Embedding(cfg.n_conditions, cfg.hidden) if cfg.n_conditions else None
         self.first = MaskedConv2d(cfg.hidden, cfg.hidden, 7, "A")
         self.blocks = nn.Sequential(*(PlainResidualBlock(cfg.hidden, cfg.dropout)
@@ -275,7 +297,7 @@ class PlainPixelCNN(nn.Module):
                                   nn.Conv2d(cfg.hidden, cfg.num_codes, 1))
 
     def forward(self, indices, cond=None):
-        x = self.first(self.embed(indices).permute(0, 3, 1, 2))
+        x = self.first(self.embed(indices))
         if self.cond is not None:
             x = x + self.cond(cond)[:, :, None, None]
         return self.head(self.blocks(x))
@@ -342,7 +364,7 @@ class GatedPixelCNN(nn.Module):
     def __init__(self, cfg: PixelCNNConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.num_codes, cfg.hidden)
+        self.embed = CodeEmbedding(cfg.num_codes, cfg.hidden, cfg.grid_size)
         self.layers = nn.ModuleList(
             GatedLayer(cfg.hidden, cfg.kernel, i == 0, cfg.n_conditions, cfg.dropout)
             for i in range(cfg.n_layers)
@@ -352,15 +374,15 @@ class GatedPixelCNN(nn.Module):
 
     def vertical_features(self, indices, cond=None):
         """Shifted vertical features of every layer; row r depends on code rows < r only."""
-        v = self.embed(indices).permute(0, 3, 1, 2)
+        v = self.embed(indices)
         features = []
         for layer in self.layers:
             v, shifted = layer.vertical(v, cond)
             features.append(shifted)
         return features
 
-    def horizontal_logits(self, indices, v_features, cond=None):
-        h = self.embed(indices).permute(0, 3, 1, 2)
+    def horizontal_logits(self, indices, v_features, cond=None, row_offset=0):
+        h = self.embed(indices, row_offset)
         skips = 0
         for layer, v_shifted in zip(self.layers, v_features):
             h, skip = layer.horizontal(h, v_shifted, cond)
@@ -398,7 +420,7 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
             v_features = [f[:, :, row:row + 1] for f in model.vertical_features(above, cond)]
         for col in range(width):
             if gated:
-                logits = model.horizontal_logits(codes[:, row:row + 1], v_features, cond)[:, :, 0, col]
+                logits = model.horizontal_logits(codes[:, row:row + 1], v_features, cond, row)[:, :, 0, col]
             else:
                 logits = model(codes, cond)[:, :, row, col]
             probs = F.softmax(logits.float() / temperature, dim=1)

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from dataset import DataError, load_split_tensor, resolve_data_root
 from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior
-from utils import (CheckpointError, StopFlag, check_same_config, die, epoch_order,
-                   load_checkpoint, opt, parse_configs, pick_device, restore_rng_state,
-                   rng_state, save_checkpoint, set_seed)
+from utils import (RunState, check_same_config, load_checkpoint, make_scheduler, opt,
+                   parse_configs, pick_device, restore_rng_state, rng_state, run_epochs,
+                   run_script, save_checkpoint, set_seed)
 
 LN2 = math.log(2)
 
@@ -31,7 +30,7 @@ LN2 = math.log(2)
 class PriorTrainConfig:
     data: str = opt("demo", "OASIS root holding keras_png_slices_{train,validate,test}, or 'demo'")
     vqvae: str = opt("checkpoints/vqvae_best.pt", "the trained VQ-VAE whose codes the prior models")
-    epochs: int = opt(20, "passes over the training codes")
+    epochs: int = opt(5, "passes over the training codes")
     batch_size: int = opt(32, "code grids per step")
     lr: float = opt(1e-3, "Adam learning rate")
     milestones: list = opt((0.6, 0.85), "MultiStepLR milestones as fractions of all steps")
@@ -39,8 +38,9 @@ class PriorTrainConfig:
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where pixelcnn_last.pt and pixelcnn_best.pt go")
-    log_every: int = opt(50, "steps between loss printouts")
-    resume: bool = opt(False, "continue from checkpoint_dir/pixelcnn_last.pt")
+    log_every: int = opt(50, "steps between loss log lines")
+    checkpoint_every: int = opt(0, "also write pixelcnn_last.pt every this many steps; 0 = once per epoch")
+    resume: bool = opt(False, "continue exactly from checkpoint_dir/pixelcnn_last.pt")
 
 
 def load_vqvae(path, device):
@@ -59,8 +59,8 @@ def encode_to_indices(vqvae, images_u8, batch_size=64):
                       for i in range(0, len(images_u8), batch_size)])
 
 
-def encode_split(vqvae, root, split, image_size, device):
-    images_u8, slices = load_split_tensor(root, split, image_size, device)
+def encode_split(vqvae, root, split, image_size, device, progress=True):
+    images_u8, slices = load_split_tensor(root, split, image_size, device, progress=progress)
     return encode_to_indices(vqvae, images_u8), torch.as_tensor(slices.slice_idx, device=device)
 
 
@@ -99,16 +99,17 @@ def load_prior(path, device):
     return model, ckpt
 
 
-def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True):
-    """Train the prior and return its history. Raises DataError/CheckpointError."""
+def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True, stop=None):
+    """Train the prior and return its history; raises as train.train does."""
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
-    model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes)
     image_size = vq_ckpt["train_config"]["image_size"]
+    model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
+                                    grid_size=image_size // 2 ** vqvae.cfg.n_downsample)
     root = resolve_data_root(cfg.data)
-    train_codes, train_slices = encode_split(vqvae, root, "train", image_size, device)
-    val_codes, val_slices = encode_split(vqvae, root, "validate", image_size, device)
+    train_codes, train_slices = encode_split(vqvae, root, "train", image_size, device, progress)
+    val_codes, val_slices = encode_split(vqvae, root, "validate", image_size, device, progress)
     train_cond, val_cond = conditions_for(train_slices, model_cfg), conditions_for(val_slices, model_cfg)
     del vqvae
     grid = tuple(train_codes.shape[1:])
@@ -120,90 +121,70 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True)
 
     model = build_prior(model_cfg).to(device)
     print(f"{model_cfg.kind} PixelCNN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"conditioned on {model_cfg.n_conditions or 'nothing'}")
+          f"conditioned on {'slice position' if model_cfg.n_conditions else 'nothing'}")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = max(1, len(train_codes) // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    milestones = sorted({max(1, int(f * total_steps)) for f in cfg.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.lr_gamma)
-
-    ckpt_dir = Path(cfg.checkpoint_dir)
-    last_path, best_path = ckpt_dir / "pixelcnn_last.pt", ckpt_dir / "pixelcnn_best.pt"
-    start_epoch, start_step_in_epoch, step, best, history = 0, 0, 0, math.inf, []
+    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, cfg.epochs * steps_per_epoch)
+    last_path = Path(cfg.checkpoint_dir) / "pixelcnn_last.pt"
+    best_path = Path(cfg.checkpoint_dir) / "pixelcnn_best.pt"
+    state = RunState(best=math.inf)
     if cfg.resume:
         ckpt = load_checkpoint(last_path, "pixelcnn", made_by="python pixelcnn.py")
         check_same_config(last_path, ckpt["model_config"], model_cfg)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, start_step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        step, best, history = ckpt["step"], ckpt["best_val_nll"], ckpt["history"]
-        restore_rng_state(ckpt["rng"], device)
-        print(f"resumed from {last_path} at epoch {start_epoch + 1}, step {step}")
+        state = RunState(**ckpt["run"])
+        restore_rng_state(ckpt["rng"])
+        print(f"resumed from {last_path} at step {state.step} (epoch {state.epoch + 1})")
 
     slice_counts = torch.bincount(train_slices.cpu(), minlength=max(model_cfg.n_conditions, 1))
 
-    def checkpoint(epoch, step_in_epoch):
+    def checkpoint():
         return {"kind": "pixelcnn", "model": model.state_dict(),
                 "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
                 "grid": grid, "slice_counts": slice_counts, "baselines": baselines,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-                "best_val_nll": best, "history": history, "rng": rng_state(device)}
+                "run": dataclasses.asdict(state), "rng": rng_state()}
 
-    with StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            started = time.time()
-            order = epoch_order(len(train_codes), cfg.seed, epoch).to(device)
-            first = start_step_in_epoch if epoch == start_epoch else 0
-            loss_sum = torch.zeros((), device=device)
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not progress, leave=False)
-            for i in bar:
-                pick = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                codes = train_codes[pick]
-                cond = train_cond[pick] if train_cond is not None else None
-                loss = F.cross_entropy(model(codes, cond), codes)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_sum += loss.detach()
-                if step % cfg.log_every == 0:
-                    bar.set_postfix(bits=f"{loss.item() / LN2:.3f}")
-                if stop.signal:
-                    save_checkpoint(last_path, checkpoint(epoch, i + 1))
-                    raise KeyboardInterrupt(f"{stop.signal}: saved {last_path} at step {step}; "
-                                            f"continue with: python pixelcnn.py --resume (same flags)")
-            bar.close()
+    def train_step(batch_ids):
+        model.train()
+        codes = train_codes[batch_ids]
+        cond = train_cond[batch_ids] if train_cond is not None else None
+        loss = F.cross_entropy(model(codes, cond), codes)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.detach()[None]
 
-            train_bits = float(loss_sum) / max(steps_per_epoch - first, 1) / LN2
-            val_bits = nll_bits(model, val_codes, val_cond)
-            record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                      "train_nll_bits": train_bits, "val_nll_bits": val_bits,
-                      "seconds": time.time() - started}
-            history.append(record)
-            print(f"epoch {epoch + 1:3d} | train {train_bits:.3f} bits/code | validate {val_bits:.3f} bits/code "
-                  f"| {record['seconds']:.0f}s")
-            if val_bits < best:
-                best = val_bits
-                save_checkpoint(best_path, checkpoint(epoch + 1, 0))
-            save_checkpoint(last_path, checkpoint(epoch + 1, 0))
-    print(f"best validation NLL {best:.3f} bits/code (uniform {baselines['uniform_bits']:.3f}, "
+    started = time.time()
+
+    def end_epoch(epoch, means):
+        train_bits = means[0] / LN2 if means else float("nan")
+        val_bits = nll_bits(model, val_codes, val_cond)
+        record = {"epoch": epoch, "step": state.step, "lr": scheduler.get_last_lr()[0],
+                  "train_nll_bits": train_bits, "val_nll_bits": val_bits, "seconds": time.time() - started}
+        state.history.append(record)
+        print(f"epoch {epoch:3d} | train {train_bits:.3f} bits/code | validate {val_bits:.3f} bits/code "
+              f"| {record['seconds']:.0f}s")
+        if val_bits < state.best:
+            state.best = val_bits
+            save_checkpoint(best_path, checkpoint())
+
+    run_epochs(state, epochs=cfg.epochs, n_items=len(train_codes), batch_size=cfg.batch_size,
+               seed=cfg.seed, device=device, train_step=train_step, end_epoch=end_epoch,
+               save_last=lambda: save_checkpoint(last_path, checkpoint()), log_every=cfg.log_every,
+               checkpoint_every=cfg.checkpoint_every, stop=stop,
+               resume_command="python pixelcnn.py --resume (with the same flags)", show_progress=progress)
+    print(f"best validation NLL {state.best:.3f} bits/code (uniform {baselines['uniform_bits']:.3f}, "
           f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f}) -> {best_path}")
-    return history
+    return state.history
 
 
 def main(argv=None):
     cfg, model_cfg = parse_configs(__doc__, [PriorTrainConfig, PixelCNNConfig], argv)
-    try:
-        train_prior(cfg, model_cfg)
-    except (DataError, CheckpointError) as err:
-        die(err)
-    except KeyboardInterrupt as err:
-        die(err if str(err) else "interrupted")
+    run_script(lambda: train_prior(cfg, model_cfg), batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":

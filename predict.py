@@ -22,8 +22,8 @@ from dataset import DataError, load_split_tensor, resolve_data_root
 from modules import sample_codes
 from pixelcnn import load_prior, load_vqvae
 from train import progress_indices, reconstruct_all
-from utils import (CheckpointError, die, image_grid, opt, parse_configs, pick_device,
-                   psnr_per_image, save_gray_png, set_seed, ssim_per_image, to_uint8)
+from utils import (image_grid, opt, parse_configs, pick_device, psnr_per_image, run_script,
+                   save_gray_png, set_seed, ssim_per_image, to_uint8)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -111,7 +111,7 @@ def save_curves(vq_history, prior_ckpt, path):
     axes[2].plot(epochs, [r["val_perplexity"] for r in vq_history], label="perplexity")
     axes[2].plot(epochs, [r["val_codes_used"] for r in vq_history], label="codes used")
     axes[2].set(title="codebook use (validation)", xlabel="epoch")
-    history, baselines = prior_ckpt["history"], prior_ckpt["baselines"]
+    history, baselines = prior_ckpt["run"]["history"], prior_ckpt["baselines"]
     prior_epochs = [r["epoch"] for r in history]
     axes[3].plot(prior_epochs, [r["train_nll_bits"] for r in history], label="train")
     axes[3].plot(prior_epochs, [r["val_nll_bits"] for r in history], label="validate")
@@ -148,10 +148,10 @@ def predict(cfg: PredictConfig):
     samples, seconds = generate(vqvae, prior, prior_ckpt, cfg.n_samples, cfg.slice,
                                 cfg.temperature, cfg.seed, device)
     save_samples(samples, out_dir)
-    metrics.update({"prior_val_nll_bits": prior_ckpt["best_val_nll"], **prior_ckpt["baselines"],
+    metrics.update({"prior_val_nll_bits": prior_ckpt["run"]["best"], **prior_ckpt["baselines"],
                     "n_samples": cfg.n_samples, "sampling_seconds": seconds})
     save_progression_gif(cfg.progress_dir, out_dir / "progression.gif")
-    save_curves(vq_ckpt["history"], prior_ckpt, out_dir / "curves.png")
+    save_curves(vq_ckpt["run"]["history"], prior_ckpt, out_dir / "curves.png")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     print(f"sampled {cfg.n_samples} slices in {seconds:.1f}s -> {out_dir / 'samples.png'}")
@@ -163,10 +163,7 @@ def predict(cfg: PredictConfig):
 
 def main(argv=None):
     (cfg,) = parse_configs(__doc__, [PredictConfig], argv)
-    try:
-        predict(cfg)
-    except (DataError, CheckpointError) as err:
-        die(err)
+    run_script(lambda: predict(cfg))
 
 
 if __name__ == "__main__":

@@ -16,33 +16,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from dataset import DataError, load_split_tensor, resolve_data_root
+from dataset import load_split_tensor, resolve_data_root
 from modules import VQVAE, VQVAEConfig
-from utils import (CheckpointError, StopFlag, check_same_config, die, epoch_order, image_grid,
-                   load_checkpoint, opt, parse_configs, pick_device, restore_rng_state, rng_state,
-                   save_checkpoint, save_gray_png, set_seed, ssim_per_image)
+from utils import (CheckpointError, RunState, check_same_config, image_grid, load_checkpoint,
+                   make_scheduler, opt, parse_configs, pick_device, restore_rng_state, rng_state,
+                   run_script, run_epochs, save_checkpoint, save_gray_png, set_seed, ssim_per_image)
 
 
 @dataclass
 class TrainConfig:
     data: str = opt("demo", "OASIS root holding keras_png_slices_{train,validate,test}, or 'demo'")
     image_size: int = opt(128, "train and evaluate at this size (OASIS slices are 256x256)")
-    epochs: int = opt(30, "passes over the training split")
-    batch_size: int = opt(32, "images per step")
+    epochs: int = opt(18, "passes over the training split")
+    batch_size: int = opt(16, "images per step")
     lr: float = opt(1e-3, "Adam learning rate")
     milestones: list = opt((0.6, 0.85), "MultiStepLR milestones as fractions of all steps")
     lr_gamma: float = opt(0.3, "learning-rate factor at each milestone")
-    recon_loss: str = opt("mse", "reconstruction loss on [0, 1] intensities", choices=["mse", "bce"])
+    recon_loss: str = opt("bce", "reconstruction loss on [0, 1] intensities", choices=["bce", "mse"])
     dtype: str = opt("float32", "autocast dtype of the convolutions (the quantizer stays float32)",
                      choices=["float32", "bfloat16"])
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where vqvae_last.pt and vqvae_best.pt go")
     progress_dir: str = opt("out/progress", "where the per-epoch validation grids go")
-    log_every: int = opt(50, "steps between loss printouts")
-    resume: bool = opt(False, "continue from checkpoint_dir/vqvae_last.pt")
+    log_every: int = opt(50, "steps between log lines (loss, codebook perplexity, codes used)")
+    checkpoint_every: int = opt(0, "also write vqvae_last.pt every this many steps; 0 = once per epoch")
+    resume: bool = opt(False, "continue exactly from checkpoint_dir/vqvae_last.pt")
 
 
 def progress_indices(n, count=8):
@@ -87,110 +87,93 @@ def reconstruction_loss(logits, x, kind):
     return F.mse_loss(torch.sigmoid(logits.float()), x)
 
 
-def make_checkpoint(model, optimizer, scheduler, cfg, epoch, step_in_epoch, step, best, history, device):
-    return {
-        "kind": "vqvae",
-        "model": model.state_dict(),
-        "model_config": dataclasses.asdict(model.cfg),
-        "train_config": dataclasses.asdict(cfg),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-        "best_val_ssim": best, "history": history, "rng": rng_state(device),
-    }
+def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
+    """Train and return the run's history (one dict per epoch).
 
-
-def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True):
-    """Train and return the history (one dict per epoch). Raises DataError/CheckpointError."""
+    Raises DataError, CheckpointError, NonFiniteLoss, or KeyboardInterrupt after saving
+    when stopped by SIGINT/SIGTERM (or by `stop`, an object whose .signal turns non-None).
+    """
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     root = resolve_data_root(cfg.data)
-    train_u8, _ = load_split_tensor(root, "train", cfg.image_size, device)
-    val_u8, _ = load_split_tensor(root, "validate", cfg.image_size, device)
+    train_u8, _ = load_split_tensor(root, "train", cfg.image_size, device, progress=progress)
+    val_u8, _ = load_split_tensor(root, "validate", cfg.image_size, device, progress=progress)
     print(f"data: {root} | train {len(train_u8)} | validate {len(val_u8)} | "
           f"{cfg.image_size}x{cfg.image_size} | device {device}")
 
     model = VQVAE(model_cfg).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     steps_per_epoch = max(1, len(train_u8) // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    milestones = sorted({max(1, int(f * total_steps)) for f in cfg.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.lr_gamma)
-
-    ckpt_dir = Path(cfg.checkpoint_dir)
-    last_path, best_path = ckpt_dir / "vqvae_last.pt", ckpt_dir / "vqvae_best.pt"
-    start_epoch, start_step_in_epoch, step, best, history = 0, 0, 0, -1.0, []
+    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, cfg.epochs * steps_per_epoch)
+    last_path = Path(cfg.checkpoint_dir) / "vqvae_last.pt"
+    best_path = Path(cfg.checkpoint_dir) / "vqvae_best.pt"
+    state = RunState(best=-1.0)
     if cfg.resume:
         ckpt = load_checkpoint(last_path, "vqvae", made_by="python train.py")
         check_same_config(last_path, ckpt["model_config"], model_cfg)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, start_step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        step, best, history = ckpt["step"], ckpt["best_val_ssim"], ckpt["history"]
-        restore_rng_state(ckpt["rng"], device)
-        print(f"resumed from {last_path} at epoch {start_epoch + 1}, step {step}")
+        state = RunState(**ckpt["run"])
+        restore_rng_state(ckpt["rng"])
+        print(f"resumed from {last_path} at step {state.step} (epoch {state.epoch + 1})")
 
-    grid_ids = progress_indices(len(val_u8))
+    def checkpoint():
+        return {"kind": "vqvae", "model": model.state_dict(),
+                "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "run": dataclasses.asdict(state), "rng": rng_state()}
+
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     counts = torch.zeros(model_cfg.num_codes, dtype=torch.long, device=device)
 
-    with StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            started = time.time()
-            order = epoch_order(len(train_u8), cfg.seed, epoch).to(device)
-            first = start_step_in_epoch if epoch == start_epoch else 0
-            sums = torch.zeros(3, device=device)
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not progress, leave=False)
-            for i in bar:
-                x = train_u8[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]].float().div_(255)
-                with torch.autocast(device.type, dtype=autocast_dtype,
-                                    enabled=autocast_dtype != torch.float32):
-                    logits, vq_loss, indices, _ = model(x)
-                recon = reconstruction_loss(logits, x, cfg.recon_loss)
-                loss = recon + vq_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                sums += torch.stack([loss.detach(), recon.detach(), vq_loss.detach()])
-                counts += torch.bincount(indices.flatten(), minlength=model_cfg.num_codes)
-                if step % cfg.log_every == 0:
-                    perplexity, used = codebook_usage(counts.cpu())
-                    bar.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{perplexity:.0f}", codes=used)
-                    counts.zero_()
-                if stop.signal:
-                    save_checkpoint(last_path, make_checkpoint(model, optimizer, scheduler, cfg, epoch,
-                                                               i + 1, step, best, history, device))
-                    raise KeyboardInterrupt(f"{stop.signal}: saved {last_path} at step {step}; "
-                                            f"continue with: python train.py --resume (same flags)")
-            bar.close()
+    def train_step(batch_ids):
+        model.train()
+        x = train_u8[batch_ids].float().div_(255)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            logits, vq_loss, indices, _ = model(x)
+        recon = reconstruction_loss(logits, x, cfg.recon_loss)
+        loss = recon + vq_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        counts.add_(torch.bincount(indices.flatten(), minlength=model_cfg.num_codes))
+        return torch.stack([loss.detach(), recon.detach(), vq_loss.detach()])
 
-            n = max(steps_per_epoch - first, 1)
-            train_loss, train_recon, train_vq = (sums / n).tolist()
-            val_ssim, val_counts = evaluate(model, val_u8)
-            perplexity, used = codebook_usage(val_counts)
-            record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                      "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
-                      "val_ssim": val_ssim, "val_perplexity": perplexity, "val_codes_used": used,
-                      "seconds": time.time() - started}
-            history.append(record)
-            print(f"epoch {epoch + 1:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
-                  f"| val SSIM {val_ssim:.4f} | perplexity {perplexity:.1f} | codes {used}/{model_cfg.num_codes} "
-                  f"| {record['seconds']:.0f}s")
-            save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch + 1:03d}.png")
+    def codebook_since_last_log():
+        perplexity, used = codebook_usage(counts.cpu())
+        counts.zero_()
+        return f"perplexity {perplexity:.1f} | codes used {used}/{model_cfg.num_codes}"
 
-            if val_ssim > best:
-                best = val_ssim
-                save_checkpoint(best_path, make_checkpoint(model, optimizer, scheduler, cfg, epoch + 1, 0,
-                                                           step, best, history, device))
-            save_checkpoint(last_path, make_checkpoint(model, optimizer, scheduler, cfg, epoch + 1, 0,
-                                                       step, best, history, device))
-    print(f"best validation SSIM {best:.4f} -> {best_path}")
-    return history
+    grid_ids = progress_indices(len(val_u8))
+    started = time.time()
+
+    def end_epoch(epoch, means):
+        train_loss, train_recon, train_vq = means or [float("nan")] * 3
+        val_ssim, val_counts = evaluate(model, val_u8)
+        perplexity, used = codebook_usage(val_counts)
+        record = {"epoch": epoch, "step": state.step, "lr": scheduler.get_last_lr()[0],
+                  "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
+                  "val_ssim": val_ssim, "val_perplexity": perplexity, "val_codes_used": used,
+                  "seconds": time.time() - started}
+        state.history.append(record)
+        print(f"epoch {epoch:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
+              f"| val SSIM {val_ssim:.4f} | perplexity {perplexity:.1f} | codes {used}/{model_cfg.num_codes} "
+              f"| {record['seconds']:.0f}s")
+        save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch:03d}.png")
+        if val_ssim > state.best:
+            state.best = val_ssim
+            save_checkpoint(best_path, checkpoint())
+
+    run_epochs(state, epochs=cfg.epochs, n_items=len(train_u8), batch_size=cfg.batch_size,
+               seed=cfg.seed, device=device, train_step=train_step, end_epoch=end_epoch,
+               save_last=lambda: save_checkpoint(last_path, checkpoint()),
+               on_log=codebook_since_last_log, log_every=cfg.log_every,
+               checkpoint_every=cfg.checkpoint_every, stop=stop,
+               resume_command="python train.py --resume (with the same flags)", show_progress=progress)
+    print(f"best validation SSIM {state.best:.4f} -> {best_path}")
+    return state.history
 
 
 def save_progress_grid(model, images_u8, path):
@@ -202,12 +185,7 @@ def save_progress_grid(model, images_u8, path):
 
 def main(argv=None):
     cfg, model_cfg = parse_configs(__doc__, [TrainConfig, VQVAEConfig], argv)
-    try:
-        train(cfg, model_cfg)
-    except (DataError, CheckpointError) as err:
-        die(err)
-    except KeyboardInterrupt as err:
-        die(err if str(err) else "interrupted")
+    run_script(lambda: train(cfg, model_cfg), batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from tqdm import tqdm
 
 
 class CheckpointError(Exception):
@@ -56,6 +57,20 @@ def die(message):
     """Stop a script with a one-line error instead of a traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_script(work, batch_size=None):
+    """Run a script's work, turning expected failures into one-line errors (exit 2)."""
+    from dataset import DataError  # here, not at the top: dataset.py needs nothing from us
+    try:
+        return work()
+    except (DataError, CheckpointError, NonFiniteLoss) as err:
+        die(err)
+    except torch.OutOfMemoryError:
+        hint = f" (now {batch_size})" if batch_size else ""
+        die(f"out of GPU memory; try a smaller --batch-size{hint}")
+    except KeyboardInterrupt as err:
+        die(err if str(err) else "interrupted")
 
 
 def set_seed(seed):
@@ -117,6 +132,10 @@ def check_same_config(path, saved, config):
 
 # ----------------------------------------------------------------------------- training
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; nothing was saved from that point on."""
+
+
 class StopFlag:
     """Turns SIGINT/SIGTERM into a request to stop after the current step."""
 
@@ -135,23 +154,110 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": numpy_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state, device):
+def numpy_rng_state():
+    # As tensors and plain values, so that weights_only loading accepts them.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def restore_rng_state(state):
+    random.setstate(_as_tuples(state["python"]))
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def epoch_order(n, seed, epoch):
     """The shuffled order of one epoch. It depends only on (seed, epoch), so a resumed
     run continues the same order without saving generator state."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def make_scheduler(optimizer, milestones, gamma, total_steps):
+    """MultiStepLR stepped once per step, milestones given as fractions of the run."""
+    steps = sorted({max(1, int(f * total_steps)) for f in milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=gamma)
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a training run stands; saved in every checkpoint, so resuming is exact."""
+    epoch: int = 0           # epochs completed
+    step_in_epoch: int = 0   # steps done in the epoch under way
+    step: int = 0            # steps done in all
+    best: float = float("nan")
+    history: list = dataclasses.field(default_factory=list)
+
+
+def run_epochs(state, *, epochs, n_items, batch_size, seed, device, train_step, end_epoch,
+               save_last, on_log=None, log_every=50, checkpoint_every=0, stop=None,
+               resume_command="", show_progress=True):
+    """The loop both trainers share.
+
+    train_step(batch_ids) -> 1-D tensor of detached losses, the total first;
+    end_epoch(epoch, mean_losses) evaluates, records and saves the best checkpoint;
+    save_last() writes the resumable checkpoint. Losses stay on the device between log
+    points (no host sync per step); they are checked for NaN before anything is saved.
+    """
+    steps_per_epoch = max(1, n_items // batch_size)
+    with stop or StopFlag() as stop:
+        for epoch in range(state.epoch, epochs):
+            order = epoch_order(n_items, seed, epoch).to(device)
+            first = state.step_in_epoch
+            sums, bad_step = None, torch.tensor(-1, device=device)
+            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}",
+                       disable=not show_progress, leave=False)
+            for i in bar:
+                losses = train_step(order[i * batch_size:(i + 1) * batch_size])
+                state.step += 1
+                state.step_in_epoch = i + 1
+                sums = losses if sums is None else sums + losses
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses[0]),
+                                       torch.tensor(state.step, device=device), bad_step)
+                if state.step % log_every == 0:
+                    _check_finite(bad_step, losses)
+                    message = f"step {state.step} | loss {losses[0].item():.5f}"
+                    if on_log is not None:
+                        message += " | " + on_log()
+                    bar.write(message) if show_progress else print(message)
+                wants_stop = stop.signal is not None
+                if wants_stop or (checkpoint_every and state.step % checkpoint_every == 0):
+                    _check_finite(bad_step, losses)
+                    save_last()
+                if wants_stop:
+                    raise KeyboardInterrupt(f"{stop.signal}: saved the run at step {state.step}; "
+                                            f"continue with: {resume_command}")
+            bar.close()
+            if sums is not None:
+                _check_finite(bad_step, sums)
+                means = (sums / (steps_per_epoch - first)).tolist()
+            else:
+                means = []
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            end_epoch(epoch + 1, means)
+            save_last()
+
+
+def _check_finite(bad_step, losses):
+    step = int(bad_step)
+    if step >= 0:
+        raise NonFiniteLoss(f"the loss became non-finite at step {step}; stopped without saving "
+                            f"(the last checkpoint is from before it); try a lower --lr")
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -131,13 +131,13 @@ def prior_input_gradients(model, indices, row, col):
     """Gradient of the logits at (row, col) with respect to every input code's embedding."""
     embedded = model.embed(indices).detach().requires_grad_(True)
     original = model.embed.forward
-    model.embed.forward = lambda _: embedded
+    model.embed.forward = lambda *_: embedded
     try:
         logits = model(indices, torch.zeros(len(indices), dtype=torch.long))
     finally:
         model.embed.forward = original
     logits[0, :, row, col].sum().backward()
-    return embedded.grad[0].abs().sum(-1)
+    return embedded.grad[0].abs().sum(0)
 
 
 def test_gated_pixelcnn_is_causal_and_has_no_blind_spot():

@@ -9,7 +9,6 @@ from PIL import Image
 import pixelcnn
 import predict
 import train
-from dataset import make_demo
 
 TINY_VQVAE = ["--image-size", "32", "--hidden", "16", "--res-hidden", "8", "--num-codes", "16",
               "--code-dim", "8", "--batch-size", "8", "--log-every", "2"]
@@ -18,11 +17,9 @@ N_SAMPLES = 3
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, tiny_demo):
     """Run train -> prior -> predict once in a scratch working directory."""
-    work = tmp_path_factory.mktemp("run")
-    data = make_demo(work / "demo", seed=1, n_train=2, n_validate=1, n_test=1, n_slices=4,
-                     progress=False)
+    work, data = tmp_path_factory.mktemp("run"), tiny_demo
     previous = os.getcwd()
     os.chdir(work)
     try:
@@ -41,8 +38,8 @@ def test_train_writes_best_and_last_checkpoints_with_config(pipeline_run):
         assert "model" in ckpt and "model_config" in ckpt and "train_config" in ckpt
     last = torch.load(work / "checkpoints" / "vqvae_last.pt", weights_only=True)
     assert last["model_config"]["num_codes"] == 16
-    assert [r["epoch"] for r in last["history"]] == [1, 2]
-    assert all(0 <= r["val_ssim"] <= 1 for r in last["history"])
+    assert [r["epoch"] for r in last["run"]["history"]] == [1, 2]
+    assert all(0 <= r["val_ssim"] <= 1 for r in last["run"]["history"])
 
 
 def test_predict_writes_every_listed_output(pipeline_run):
