@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from dataset import DataError, load_split_tensor, resolve_data_root
 from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior
-from utils import (RunState, check_same_config, load_checkpoint, make_scheduler, opt,
-                   parse_configs, pick_device, restore_rng_state, rng_state, run_epochs,
+from utils import (RunState, load_checkpoint, make_scheduler, opt,
+                   parse_configs, pick_device, resume_run, rng_state, run_epochs,
                    run_script, save_checkpoint, set_seed)
 
 LN2 = math.log(2)
@@ -129,14 +129,7 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
     best_path = Path(cfg.checkpoint_dir) / "pixelcnn_best.pt"
     state = RunState(best=math.inf)
     if cfg.resume:
-        ckpt = load_checkpoint(last_path, "pixelcnn", made_by="python pixelcnn.py")
-        check_same_config(last_path, ckpt["model_config"], model_cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = RunState(**ckpt["run"])
-        restore_rng_state(ckpt["rng"])
-        print(f"resumed from {last_path} at step {state.step} (epoch {state.epoch + 1})")
+        state = resume_run(last_path, "pixelcnn", "python pixelcnn.py", model, model_cfg, optimizer, scheduler)
 
     slice_counts = torch.bincount(train_slices.cpu(), minlength=max(model_cfg.n_conditions, 1))
 

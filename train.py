@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from dataset import load_split_tensor, resolve_data_root
 from modules import VQVAE, VQVAEConfig
-from utils import (CheckpointError, RunState, check_same_config, image_grid, load_checkpoint,
-                   make_scheduler, opt, parse_configs, pick_device, restore_rng_state, rng_state,
-                   run_script, run_epochs, save_checkpoint, save_gray_png, set_seed, ssim_per_image)
+from utils import (RunState, image_grid, make_scheduler, opt, parse_configs, pick_device,
+                   resume_run, rng_state, run_epochs, run_script, save_checkpoint, save_gray_png,
+                   set_seed, ssim_per_image)
 
 
 @dataclass
@@ -109,14 +109,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     best_path = Path(cfg.checkpoint_dir) / "vqvae_best.pt"
     state = RunState(best=-1.0)
     if cfg.resume:
-        ckpt = load_checkpoint(last_path, "vqvae", made_by="python train.py")
-        check_same_config(last_path, ckpt["model_config"], model_cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = RunState(**ckpt["run"])
-        restore_rng_state(ckpt["rng"])
-        print(f"resumed from {last_path} at step {state.step} (epoch {state.epoch + 1})")
+        state = resume_run(last_path, "vqvae", "python train.py", model, model_cfg, optimizer, scheduler)
 
     def checkpoint():
         return {"kind": "vqvae", "model": model.state_dict(),

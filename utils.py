@@ -204,6 +204,19 @@ class RunState:
     history: list = dataclasses.field(default_factory=list)
 
 
+def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
+    """Restore everything a run needs to continue exactly; returns its RunState."""
+    ckpt = load_checkpoint(path, kind, made_by=made_by)
+    check_same_config(path, ckpt["model_config"], model_cfg)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    restore_rng_state(ckpt["rng"])
+    state = RunState(**ckpt["run"])
+    print(f"resumed from {path} at step {state.step} (epoch {state.epoch + 1})")
+    return state
+
+
 def run_epochs(state, *, epochs, n_items, batch_size, seed, device, train_step, end_epoch,
                save_last, on_log=None, log_every=50, checkpoint_every=0, stop=None,
                resume_command="", show_progress=True):
