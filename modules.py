@@ -17,13 +17,13 @@ from utils import opt
 
 @dataclass
 class VQVAEConfig:
-    in_channels: int = opt(1, "image channels")
-    hidden: int = opt(64, "channels after the strided convolutions (paper: 256)")
-    res_hidden: int = opt(32, "bottleneck channels inside a residual block")
+    in_channels: int = opt(1, "image channels", minimum=1)
+    hidden: int = opt(64, "channels after the strided convolutions (paper: 256)", minimum=1)
+    res_hidden: int = opt(32, "bottleneck channels inside a residual block", minimum=1)
     n_res_blocks: int = opt(2, "residual blocks in encoder and decoder")
-    n_downsample: int = opt(2, "strided 4x4 convolutions; codes form an (image_size / 2**n) grid")
-    num_codes: int = opt(256, "codebook size (paper: 512)")
-    code_dim: int = opt(64, "dimension of each codebook vector")
+    n_downsample: int = opt(2, "strided 4x4 convolutions; codes form an (image_size / 2**n) grid", minimum=1)
+    num_codes: int = opt(256, "codebook size (paper: 512)", minimum=1)
+    code_dim: int = opt(64, "dimension of each codebook vector", minimum=1)
     beta: float = opt(0.25, "commitment cost (paper: 0.25)")
     ema: bool = opt(True, "learn the codebook by exponential moving averages instead of by gradient")
     ema_decay: float = opt(0.99, "decay of the codebook's moving averages")
@@ -241,8 +241,8 @@ class PixelCNNConfig:
     kind: str = opt("gated", "gated: vertical+horizontal stacks, no blind spot; plain: masked convolutions",
                     choices=["gated", "plain"])
     hidden: int = opt(32, "channels in every layer")
-    n_layers: int = opt(12, "layers; gated layers widen the view by kernel // 2 rows and columns each")
-    kernel: int = opt(5, "kernel width of the gated layers")
+    n_layers: int = opt(12, "layers; gated layers widen the view by kernel // 2 rows and columns each", minimum=1)
+    kernel: int = opt(5, "kernel width of the gated layers (odd)", minimum=3)
     n_conditions: int = opt(32, "slice positions to condition on; 0 = unconditional")
     grid_size: int = opt(32, "side of the code grid; taken from the VQ-VAE checkpoint")
     dropout: float = opt(0.0, "dropout inside the layers")

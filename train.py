@@ -27,9 +27,9 @@ from utils import (RunState, image_grid, make_scheduler, opt, parse_configs, pic
 @dataclass
 class TrainConfig:
     data: str = opt("demo", "OASIS root holding keras_png_slices_{train,validate,test}, or 'demo'")
-    image_size: int = opt(128, "train and evaluate at this size (OASIS slices are 256x256)")
-    epochs: int = opt(18, "passes over the training split")
-    batch_size: int = opt(16, "images per step")
+    image_size: int = opt(128, "train and evaluate at this size (OASIS slices are 256x256)", minimum=1)
+    epochs: int = opt(18, "passes over the training split", minimum=1)
+    batch_size: int = opt(16, "images per step", minimum=1)
     lr: float = opt(1e-3, "Adam learning rate")
     milestones: list = opt((0.6, 0.85), "MultiStepLR milestones as fractions of all steps")
     lr_gamma: float = opt(0.3, "learning-rate factor at each milestone")
@@ -40,7 +40,7 @@ class TrainConfig:
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where vqvae_last.pt and vqvae_best.pt go")
     progress_dir: str = opt("out/progress", "where the per-epoch validation grids go")
-    log_every: int = opt(50, "steps between log lines (loss, codebook perplexity, codes used)")
+    log_every: int = opt(50, "steps between log lines (loss, codebook perplexity, codes used)", minimum=1)
     checkpoint_every: int = opt(0, "also write vqvae_last.pt every this many steps; 0 = once per epoch")
     resume: bool = opt(False, "continue exactly from checkpoint_dir/vqvae_last.pt")
 

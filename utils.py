@@ -26,6 +26,17 @@ def opt(default, help, **extra):
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
+def at_least(kind, minimum):
+    """An argparse type that also refuses values below `minimum`."""
+    def convert(text):
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def add_config_flags(parser, config_cls):
     """One flag per dataclass field; the flag's type follows the default's type."""
     for f in dataclasses.fields(config_cls):
@@ -37,15 +48,25 @@ def add_config_flags(parser, config_cls):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, (list, tuple)):
             kwargs.update(type=float, nargs="*")
+        elif "minimum" in f.metadata:
+            kwargs["type"] = at_least(type(default), f.metadata["minimum"])
         else:
             kwargs["type"] = type(default)
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the script's docstring as written and shows every flag's default."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_configs(description, config_classes, argv=None):
     """Parse the flags of several config dataclasses at once; returns one instance each."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=description, formatter_class=HelpFormatter)
     for cls in config_classes:
         add_config_flags(parser, cls)
     args = vars(parser.parse_args(argv))
