@@ -1,0 +1,264 @@
+"""The realism metrics of predict.py: a C2ST that cannot be fooled by near-copy slices, its
+controls, nearest-neighbour SSIM and distribution distances, on small synthetic sets."""
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from skimage.metrics import structural_similarity
+
+import predict
+
+# Enough for the classifier to see a blur or to recognise subjects, in seconds on a CPU.
+TINY_BUDGET = {"n_folds": 4, "epochs": 10, "lr": 1e-3, "batch_size": 16}
+
+
+def blob_subjects(n_subjects, n_slices, size, seed=0):
+    """'Subjects' whose slices are near copies: one smooth random pattern, brightness and
+    contrast inside a disc per subject; per slice only the radius jitters and noise differs.
+    -> images (N, 1, size, size) float32 in [0, 1], case ids (N,)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size - 0.5
+    images, case_ids = [], []
+    for subject in range(n_subjects):
+        pattern = gaussian_filter(rng.normal(size=(size, size)), size / 8)
+        pattern = (pattern - pattern.mean()) / pattern.std()
+        radius, level, contrast = rng.uniform(0.25, 0.45), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.4)
+        for _ in range(n_slices):
+            head = xx ** 2 + yy ** 2 < (radius + rng.normal(0, 0.01)) ** 2
+            image = level + contrast * pattern + rng.normal(0, 0.03, (size, size))
+            images.append(np.clip(np.where(head, image, 0), 0, 1))
+            case_ids.append(f"{subject:03d}")
+    return torch.tensor(np.array(images), dtype=torch.float32)[:, None], np.array(case_ids)
+
+
+@pytest.fixture(scope="module")
+def subjects():
+    return blob_subjects(n_subjects=24, n_slices=8, size=64)
+
+
+class FoldSpy:
+    """Stands in for predict.train_and_score and records what each fold trains and scores on."""
+
+    def __init__(self, accuracy=0.5):
+        self.accuracy, self.folds = accuracy, []
+
+    def __call__(self, train_x, train_y, test_x, test_y, **budget):
+        self.folds.append((train_x.clone(), train_y.clone(), test_x.clone(), test_y.clone()))
+        return self.accuracy
+
+
+def owner_lookup(*named_images):
+    """Image bytes -> owner name, to tell which subject each image a fold saw came from."""
+    lookup = {}
+    for images, names in named_images:
+        for image, name in zip(images.float(), names):
+            lookup[image.numpy().tobytes()] = name
+    return lambda batch: [lookup[image.numpy().tobytes()] for image in batch.float()]
+
+
+def assert_no_subject_on_both_sides(spy, owner_of, n_items):
+    seen_in_test = []
+    for train_x, train_y, test_x, test_y in spy.folds:
+        train_owners = {o for o in owner_of(train_x) if not o.startswith("generated")}
+        test_owners = {o for o in owner_of(test_x) if not o.startswith("generated")}
+        assert train_owners and test_owners
+        assert not train_owners & test_owners, f"subjects on both sides: {train_owners & test_owners}"
+        assert set(test_y.tolist()) == {0.0, 1.0}  # both classes scored in every fold
+        seen_in_test += owner_of(test_x)
+    assert len(seen_in_test) == n_items  # every image scored exactly once
+
+
+# ----------------------------------------------------------------------------- splitting
+
+def test_group_k_fold_keeps_every_subject_in_one_fold_and_folds_near_equal():
+    rng = np.random.default_rng(3)
+    case_ids = np.repeat([f"{i:03d}" for i in range(23)], rng.integers(4, 12, size=23))
+    folds = predict.group_k_fold(case_ids, 5, seed=7)
+    for case in np.unique(case_ids):
+        assert len(np.unique(folds[case_ids == case])) == 1
+    sizes = np.bincount(folds, minlength=5)
+    assert sizes.max() - sizes.min() <= 11  # at most one subject's worth apart
+    assert not np.array_equal(folds, predict.group_k_fold(case_ids, 5, seed=8))
+
+
+def test_c2st_splitter_never_puts_a_case_id_on_both_sides_of_a_fold():
+    rng = np.random.default_rng(0)
+    case_ids = np.repeat([f"{i:03d}" for i in range(17)], rng.integers(3, 33, size=17))
+    for seed in range(5):
+        folds_real, folds_generated = predict.two_sample_folds(case_ids, 90, 5, seed)
+        folds = np.concatenate([folds_real, folds_generated])
+        labels = np.r_[np.zeros(len(case_ids)), np.ones(90)]
+        splits = predict.fold_splits(folds)
+        assert len(splits) == 5
+        for train, test in splits:
+            real_train = set(case_ids[train[train < len(case_ids)]])
+            real_test = set(case_ids[test[test < len(case_ids)]])
+            assert real_test and not real_train & real_test
+            assert set(labels[test]) == {0, 1}
+        assert sorted(np.concatenate([test for _, test in splits])) == list(range(len(folds)))
+        # generated draws are spread evenly over the folds
+        assert np.ptp(np.bincount(folds_generated)) <= 1
+
+
+def test_c2st_trains_and_scores_each_fold_on_disjoint_subjects(subjects, monkeypatch):
+    images, case_ids = subjects
+    generated = torch.rand(100, 1, 64, 64)
+    spy = FoldSpy()
+    monkeypatch.setattr(predict, "train_and_score", spy)
+    result = predict.classifier_two_sample_test(generated, images, None, case_ids, **TINY_BUDGET)
+    owner_of = owner_lookup((generated, [f"generated{i}" for i in range(100)]), (images, case_ids))
+    assert len(spy.folds) == TINY_BUDGET["n_folds"]
+    assert_no_subject_on_both_sides(spy, owner_of, n_items=200)
+    assert result["n_per_class"] == 100 and result["n_subjects"]["a"] is None
+    real_scored = {o for f in spy.folds for o in owner_of(f[2])} - set(owner_of(generated))
+    assert result["n_subjects"]["b"] == len(real_scored)
+
+
+def test_real_vs_real_control_splits_subjects_into_halves_and_folds_by_subject(subjects, monkeypatch):
+    images, case_ids = subjects
+    spy = FoldSpy()
+    monkeypatch.setattr(predict, "train_and_score", spy)
+    predict.real_vs_real_control(images, case_ids, 96, **TINY_BUDGET)
+    owner_of = owner_lookup((images, case_ids))
+    assert_no_subject_on_both_sides(spy, owner_of, n_items=192)
+    halves = {0.0: set(), 1.0: set()}
+    for train_x, train_y, test_x, test_y in spy.folds:
+        owners, labels = owner_of(torch.cat([train_x, test_x])), torch.cat([train_y, test_y]).tolist()
+        for owner, label in zip(owners, labels):
+            halves[label].add(owner)
+    assert len(halves[0.0]) == len(halves[1.0]) == 12 and not halves[0.0] & halves[1.0]
+
+
+def test_blurred_control_keeps_a_slice_and_its_blurred_copy_in_one_fold(subjects, monkeypatch):
+    images, case_ids = subjects
+    spy = FoldSpy()
+    monkeypatch.setattr(predict, "train_and_score", spy)
+    sigma = predict.blur_sigma(64)
+    predict.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=sigma, **TINY_BUDGET)
+    owner_of = owner_lookup((images, case_ids), (predict.gaussian_blur(images, sigma), case_ids))
+    assert_no_subject_on_both_sides(spy, owner_of, n_items=2 * len(images))
+
+
+# ----------------------------------------------------------------------------- the classifier
+
+def test_real_vs_real_control_scores_near_chance(subjects):
+    images, case_ids = subjects
+    result = predict.real_vs_real_control(images, case_ids, 10 ** 6, **TINY_BUDGET)
+    low, high = predict.REAL_VS_REAL_RANGE
+    assert low <= result["accuracy"] <= high, result["fold_accuracies"]
+
+
+def test_the_same_halves_split_by_slice_instead_of_subject_are_told_apart(subjects):
+    """Why folds are grouped: scored on subjects it trained on, the classifier recognises them."""
+    images, case_ids = subjects
+    first_half = np.isin(case_ids, np.unique(case_ids)[::2])
+    result = predict.classifier_two_sample_test(images[first_half], images[~first_half], None, None,
+                                                **TINY_BUDGET)
+    assert result["accuracy"] > 0.8
+
+
+def test_blurred_vs_real_control_scores_near_one(subjects):
+    images, case_ids = subjects
+    result = predict.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=predict.blur_sigma(64),
+                                             **TINY_BUDGET)
+    assert result["accuracy"] >= predict.BLURRED_MIN_ACCURACY, result["fold_accuracies"]
+    assert result["blur_sigma_px"] == 0.5
+
+
+def test_c2st_is_deterministic_and_leaves_the_global_random_state_alone():
+    images, case_ids = blob_subjects(n_subjects=8, n_slices=4, size=32, seed=1)
+    generated = torch.rand(32, 1, 32, 32)
+    budget = {**TINY_BUDGET, "epochs": 2}
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = predict.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = predict.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
+    assert first["fold_accuracies"] == second["fold_accuracies"]
+    assert first["budget"] == {"epochs": 2, "lr": 1e-3, "batch_size": 16, "optimizer": "Adam"}
+
+
+def test_controls_pass_only_when_both_controls_do():
+    low, high = predict.REAL_VS_REAL_RANGE
+    good_blur = predict.BLURRED_MIN_ACCURACY
+    assert predict.controls_pass(0.5, good_blur)
+    assert predict.controls_pass(low, 1.0) and predict.controls_pass(high, 1.0)
+    assert not predict.controls_pass(high + 0.01, 1.0)
+    assert not predict.controls_pass(low - 0.01, 1.0)
+    assert not predict.controls_pass(0.5, good_blur - 0.01)
+
+
+def test_report_calls_the_c2st_invalid_when_a_control_fails(subjects, monkeypatch):
+    images, case_ids = subjects
+    monkeypatch.setattr(predict, "train_and_score", FoldSpy(accuracy=0.5))  # a judge that sees nothing
+    report = predict.realism_report(images[:40], images, images, case_ids, images[:16], images[:16],
+                                    **TINY_BUDGET, nn_train=20)
+    assert report["c2st"]["accuracy"] == 0.5  # looks indistinguishable ...
+    assert report["controls"]["blurred_vs_real"]["accuracy"] == 0.5
+    assert report["controls_pass"] is False and report["c2st_valid"] is False  # ... but counts for nothing
+    assert report["nn_ssim"]["n_train_compared"] == 20
+    assert report["nn_ssim"]["samples"]["max"] == pytest.approx(1.0)  # samples copied from the train set
+
+    monkeypatch.setattr(predict, "blurred_vs_real_control", lambda *a, **k: {"accuracy": 0.97})
+    report = predict.realism_report(images[:40], images, images, case_ids, images[:16], images[:16],
+                                    **TINY_BUDGET)
+    assert report["controls_pass"] is True and report["c2st_valid"] is True
+
+
+def test_report_refuses_too_few_subjects_for_its_folds(subjects):
+    images, case_ids = subjects
+    few = np.isin(case_ids, np.unique(case_ids)[:9])
+    with pytest.raises(predict.DataError, match="at least 10 training subjects"):
+        predict.realism_report(images[:8], images[few], images[few], case_ids[few], images[:4], images[:4],
+                               n_folds=5)
+
+
+# ----------------------------------------------------------------------------- copying and distances
+
+def test_ssim_matrix_is_skimage_structural_similarity():
+    images, _ = blob_subjects(n_subjects=3, n_slices=2, size=24, seed=2)
+    noise = torch.rand(2, 1, 24, 24)
+    queries, references = torch.cat([images[:3], noise[:1]]), torch.cat([images[2:], noise[1:]])
+    matrix = predict.ssim_matrix(queries, references, chunk=3)
+    expected = [[structural_similarity(q[0].double().numpy(), r[0].double().numpy(), data_range=1.0)
+                 for r in references] for q in queries]
+    np.testing.assert_allclose(matrix, expected, rtol=0, atol=1e-10)
+
+
+def test_nearest_neighbour_ssim_of_an_exact_copy_is_one(subjects):
+    images, _ = subjects
+    references = images[::3]
+    copies = references[[1, 7, 30]]
+    assert predict.nearest_neighbour_ssim(copies, references) == pytest.approx(1.0, abs=1e-12)
+    others = images[1::3][:5]  # the same subjects' other slices: near, but not copies
+    nearest = predict.nearest_neighbour_ssim(others, references)
+    assert np.all(nearest < 0.99) and np.all(nearest > 0.3)
+
+
+def test_histogram_and_brain_area_distances_are_zero_for_one_distribution_and_not_for_another():
+    images, _ = blob_subjects(n_subjects=40, n_slices=2, size=32, seed=4)
+    same = predict.distribution_distances(images[::2], images[1::2])
+    assert same["histogram_jensen_shannon"] < 0.05 and same["histogram_l1"] < 0.1
+    assert same["brain_area_wasserstein"] < 0.02
+    identical = predict.distribution_distances(images, images)
+    assert identical["histogram_l1"] == 0 and identical["brain_area_wasserstein"] == 0
+
+    darker = predict.distribution_distances(images * 0.5, images)
+    assert darker["histogram_jensen_shannon"] > max(0.2, 10 * same["histogram_jensen_shannon"])
+    assert darker["histogram_l1"] > max(0.3, 10 * same["histogram_l1"])
+    smaller = torch.zeros_like(images)
+    smaller[..., 8:24, 8:24] = images[..., 8:24, 8:24]  # less head in every slice
+    assert predict.distribution_distances(smaller, images)["brain_area_wasserstein"] > 0.1
+
+
+# ----------------------------------------------------------------------------- the flags
+
+def test_realism_is_off_by_default_and_its_flags_are_documented(capsys):
+    assert predict.PredictConfig().realism is False
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--realism", "--no-realism", "--realism-samples", "--realism-folds", "--realism-epochs",
+                 "--realism-lr", "--realism-batch-size", "--realism-nn-train"):
+        assert flag in help_text
