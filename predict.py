@@ -4,7 +4,9 @@
     python predict.py --data /path/to/oasis --save-reconstructions
 
 Writes to out/: reconstructions.png, metrics.json, samples.png and samples/*.png,
-progression.gif (from train.py's per-epoch grids), curves.png, and with
+slice_sweep.gif (generated slices from the lowest to the highest conditioned position),
+code_maps.png (test inputs, their code indices, the decodings), progression.gif (from
+train.py's per-epoch grids), curves.png, and with
 --save-reconstructions every test reconstruction under reconstructions/.
 
     python predict.py --realism                # also judge whether samples pass for real
@@ -51,6 +53,7 @@ class PredictConfig:
     n_samples: int = opt(16, "slices to generate", minimum=1)
     slice: int = opt(-1, "slice position to generate (0..31); -1 draws it from the training data")
     temperature: float = opt(1.0, "softmax temperature of the prior when sampling")
+    sweep_frames: int = opt(8, "frames of slice_sweep.gif, one generated slice per conditioned position; 0 = none")
     save_reconstructions: bool = opt(False, "also write every test reconstruction as an 8-bit PNG")
     seed: int = opt(0, "random seed for sampling")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
@@ -94,8 +97,12 @@ def sample_conditions(prior_ckpt, n, slice_position, generator):
 
 def generate(vqvae, prior, prior_ckpt, n, slice_position, temperature, seed, device):
     """-> (images (n, 1, H, W) in [0, 1] on the CPU, seconds spent sampling codes)."""
-    generator = torch.Generator().manual_seed(seed)
-    cond = sample_conditions(prior_ckpt, n, slice_position, generator)
+    cond = sample_conditions(prior_ckpt, n, slice_position, torch.Generator().manual_seed(seed))
+    return decode_samples(vqvae, prior, prior_ckpt, n, cond, temperature, seed, device)
+
+
+def decode_samples(vqvae, prior, prior_ckpt, n, cond, temperature, seed, device):
+    """Sample n code grids for the given conditions (or None) and decode them."""
     cond = cond.to(device) if cond is not None else None
     height, width = prior_ckpt["grid"]
     device_generator = torch.Generator(device=device).manual_seed(seed)
@@ -105,6 +112,38 @@ def generate(vqvae, prior, prior_ckpt, n, slice_position, temperature, seed, dev
     seconds = time.time() - started
     images = torch.cat([vqvae.decode_indices(codes[i:i + 64]).cpu() for i in range(0, n, 64)])
     return images, seconds
+
+
+def save_slice_sweep(vqvae, prior, prior_ckpt, frames, temperature, seed, device, path):
+    """A GIF of generated slices as the conditioned position runs from lowest to highest."""
+    n_conditions = prior_ckpt["model_config"]["n_conditions"]
+    if not n_conditions or frames < 1:
+        return
+    positions = torch.linspace(0, n_conditions - 1, min(frames, n_conditions)).round().long()
+    images, _ = decode_samples(vqvae, prior, prior_ckpt, len(positions), positions, temperature, seed, device)
+    pictures = [Image.fromarray(to_uint8(image)) for image in images.squeeze(1).numpy()]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=300, loop=0)
+
+
+def save_code_maps(vqvae, images_u8, path, count=4):
+    """For a few test slices: the input, its grid of code indices, and the decoding of that grid."""
+    ids = progress_indices(len(images_u8), count)
+    x = images_u8[ids].float().div(255)
+    codes = vqvae.encode_to_indices(x)
+    decoded = vqvae.decode_indices(codes).cpu()
+    fig, axes = plt.subplots(len(ids), 3, figsize=(7.5, 2.5 * len(ids)), squeeze=False)
+    for row, (image, code, decoding) in enumerate(zip(x.cpu().numpy(), codes.cpu().numpy(), decoded.numpy())):
+        axes[row, 0].imshow(image[0], cmap="gray", vmin=0, vmax=1)
+        axes[row, 1].imshow(code, cmap="nipy_spectral", vmin=0, vmax=vqvae.cfg.num_codes - 1,
+                            interpolation="nearest")
+        axes[row, 2].imshow(decoding[0], cmap="gray", vmin=0, vmax=1)
+    for ax, title in zip(axes[0], ["input", f"code indices ({codes.shape[1]}x{codes.shape[2]})", "decoded"]):
+        ax.set_title(title)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def save_samples(images, out_dir):
@@ -520,6 +559,9 @@ def predict(cfg: PredictConfig):
     save_samples(samples, out_dir)
     metrics.update({"prior_val_nll_bits": prior_ckpt["run"]["best"], **prior_ckpt["baselines"],
                     "n_samples": cfg.n_samples, "sampling_seconds": seconds})
+    save_slice_sweep(vqvae, prior, prior_ckpt, cfg.sweep_frames, cfg.temperature, cfg.seed, device,
+                     out_dir / "slice_sweep.gif")
+    save_code_maps(vqvae, test_u8, out_dir / "code_maps.png")
     save_progression_gif(cfg.progress_dir, out_dir / "progression.gif")
     save_curves(vq_ckpt["run"]["history"], prior_ckpt, out_dir / "curves.png")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

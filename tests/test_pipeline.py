@@ -25,7 +25,8 @@ def pipeline_run(tmp_path_factory, tiny_demo):
     try:
         train.main(["--data", str(data), "--epochs", "2", *TINY_VQVAE])
         pixelcnn.main(["--data", str(data), "--epochs", "2", *TINY_PRIOR])
-        predict.main(["--data", str(data), "--n-samples", str(N_SAMPLES), "--save-reconstructions"])
+        predict.main(["--data", str(data), "--n-samples", str(N_SAMPLES), "--save-reconstructions",
+                      "--sweep-frames", "3"])
         yield work, data
     finally:
         os.chdir(previous)
@@ -45,7 +46,8 @@ def test_train_writes_best_and_last_checkpoints_with_config(pipeline_run):
 def test_predict_writes_every_listed_output(pipeline_run):
     work, _ = pipeline_run
     out = work / "out"
-    for name in ("reconstructions.png", "samples.png", "progression.gif", "curves.png", "metrics.json"):
+    for name in ("reconstructions.png", "samples.png", "progression.gif", "curves.png", "metrics.json",
+                 "code_maps.png"):
         assert (out / name).is_file(), name
     assert Image.open(out / "reconstructions.png").mode == "L"
     samples = sorted((out / "samples").glob("*.png"))
@@ -53,6 +55,8 @@ def test_predict_writes_every_listed_output(pipeline_run):
     assert all(Image.open(p).mode == "L" and Image.open(p).size == (32, 32) for p in samples)
     gif = Image.open(out / "progression.gif")
     assert gif.n_frames == 2  # one frame per training epoch
+    sweep = Image.open(out / "slice_sweep.gif")
+    assert sweep.n_frames == 3 and sweep.size == (32, 32)  # --sweep-frames 3
 
 
 def test_metrics_json_has_the_promised_keys(pipeline_run):
