@@ -147,6 +147,8 @@ def save_code_maps(vqvae, images_u8, path, count=4):
 
 
 def save_samples(images, out_dir):
+    for old_sample in (out_dir / "samples").glob("sample_*.png"):
+        old_sample.unlink()  # a smaller --n-samples must not leave an older run's extras
     save_gray_png(out_dir / "samples.png", image_grid(images.squeeze(1).numpy(), ncol=min(8, len(images))))
     for i, image in enumerate(images.squeeze(1).numpy()):
         save_gray_png(out_dir / "samples" / f"sample_{i:03d}.png", to_uint8(image))

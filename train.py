@@ -110,6 +110,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     state = RunState(best=-1.0)
     if cfg.resume:
         state = resume_run(last_path, "vqvae", "python train.py", model, model_cfg, optimizer, scheduler)
+    else:  # a new run's GIF must not pick up an older run's frames
+        for old_frame in Path(cfg.progress_dir).glob("epoch_*.png"):
+            old_frame.unlink()
 
     def checkpoint():
         return {"kind": "vqvae", "model": model.state_dict(),

@@ -22,6 +22,10 @@ def pipeline_run(tmp_path_factory, tiny_demo):
     work, data = tmp_path_factory.mktemp("run"), tiny_demo
     previous = os.getcwd()
     os.chdir(work)
+    # leftovers of an older, longer run must not leak into this run's GIF and samples
+    for stale in ("out/progress/epoch_007.png", "out/samples/sample_099.png"):
+        (work / stale).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (32, 32)).save(work / stale)
     try:
         train.main(["--data", str(data), "--epochs", "2", *TINY_VQVAE])
         pixelcnn.main(["--data", str(data), "--epochs", "2", *TINY_PRIOR])
