@@ -121,6 +121,20 @@ def list_split_files(root, split: str) -> list[Path]:
     return [path for _, path in keyed]
 
 
+def cases_in_several_splits(root) -> dict[str, list[str]]:
+    """Case ids found in more than one split folder, with the splits holding each.
+
+    A subject's slices are near copies of each other, so such a case leaks between
+    training and evaluation."""
+    splits_of: dict[str, list[str]] = {}
+    for split in SPLITS:
+        for path in list_split_files(root, split):
+            case_id = parse_slice_name(path.name)[0]
+            if split not in splits_of.setdefault(case_id, []):
+                splits_of[case_id].append(split)
+    return {case_id: splits for case_id, splits in splits_of.items() if len(splits) > 1}
+
+
 # --------------------------------------------------------------------------- decoding
 
 

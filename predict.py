@@ -5,7 +5,8 @@
 
 Writes to out/: reconstructions.png, metrics.json, samples.png and samples/*.png,
 slice_sweep.gif (generated slices from the lowest to the highest conditioned position),
-code_maps.png (test inputs, their code indices, the decodings), progression.gif (from
+code_maps.png (test inputs, their code indices, the decodings), codebook_usage.png,
+progression.gif (from
 train.py's per-epoch grids), curves.png, and with
 --save-reconstructions every test reconstruction under reconstructions/.
 
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from dataset import FOREGROUND_THRESHOLD, DataError, load_split_tensor, resolve_data_root
 from modules import C2ST_CHANNELS, TwoSampleClassifier, sample_codes
 from pixelcnn import load_prior, load_vqvae
-from train import progress_indices, reconstruct_all
+from train import codebook_usage, progress_indices, reconstruct_all
 from utils import (image_grid, opt, parse_configs, pick_device, psnr_per_image, run_script,
                    save_gray_png, set_seed, ssim_per_image, to_uint8)
 
@@ -123,6 +124,23 @@ def save_slice_sweep(vqvae, prior, prior_ckpt, frames, temperature, seed, device
     images, _ = decode_samples(vqvae, prior, prior_ckpt, len(positions), positions, temperature, seed, device)
     pictures = [Image.fromarray(to_uint8(image)) for image in images.squeeze(1).numpy()]
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=300, loop=0)
+
+
+def save_codebook_usage(vqvae, images_u8, path, batch_size=64):
+    """Histogram of how often each code is used on the test split; returns (perplexity, codes used)."""
+    counts = torch.zeros(vqvae.cfg.num_codes, dtype=torch.long)
+    for i in range(0, len(images_u8), batch_size):
+        codes = vqvae.encode_to_indices(images_u8[i:i + batch_size].float().div(255))
+        counts += torch.bincount(codes.flatten().cpu(), minlength=vqvae.cfg.num_codes)
+    perplexity, used = codebook_usage(counts)
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.bar(np.arange(len(counts)), np.sort(counts.numpy())[::-1], width=1.0)
+    ax.set(yscale="log", xlabel="code (sorted by use)", ylabel="uses on the test split",
+           title=f"codebook use: {used}/{len(counts)} codes, perplexity {perplexity:.1f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return perplexity, used
 
 
 def save_code_maps(vqvae, images_u8, path, count=4):
@@ -564,6 +582,8 @@ def predict(cfg: PredictConfig):
     save_slice_sweep(vqvae, prior, prior_ckpt, cfg.sweep_frames, cfg.temperature, cfg.seed, device,
                      out_dir / "slice_sweep.gif")
     save_code_maps(vqvae, test_u8, out_dir / "code_maps.png")
+    perplexity, used = save_codebook_usage(vqvae, test_u8, out_dir / "codebook_usage.png")
+    metrics.update({"test_perplexity": perplexity, "test_codes_used": used})
     save_progression_gif(cfg.progress_dir, out_dir / "progression.gif")
     save_curves(vq_ckpt["run"]["history"], prior_ckpt, out_dir / "curves.png")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -9,6 +9,7 @@ keeps checkpoints/vqvae_last.pt and the best-by-validation-SSIM checkpoints/vqva
 and writes a fixed grid of validation reconstructions to out/progress/ for the GIF.
 """
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import load_split_tensor, resolve_data_root
+from dataset import cases_in_several_splits, load_split_tensor, resolve_data_root
 from modules import VQVAE, VQVAEConfig
 from utils import (RunState, image_grid, make_scheduler, opt, parse_configs, pick_device,
                    resume_run, rng_state, run_epochs, run_script, save_checkpoint, save_gray_png,
@@ -33,6 +34,7 @@ class TrainConfig:
     lr: float = opt(1e-3, "Adam learning rate")
     milestones: list = opt((0.6, 0.85), "MultiStepLR milestones as fractions of all steps")
     lr_gamma: float = opt(0.3, "learning-rate factor at each milestone")
+    vflip: bool = opt(False, "augment by flipping training slices top-bottom (left-right hemispheres)")
     recon_loss: str = opt("bce", "reconstruction loss on [0, 1] intensities", choices=["bce", "mse"])
     dtype: str = opt("float32", "autocast dtype of the convolutions (the quantizer stays float32)",
                      choices=["float32", "bfloat16"])
@@ -43,6 +45,25 @@ class TrainConfig:
     log_every: int = opt(50, "steps between log lines (loss, codebook perplexity, codes used)", minimum=1)
     checkpoint_every: int = opt(0, "also write vqvae_last.pt every this many steps; 0 = once per epoch")
     resume: bool = opt(False, "continue exactly from checkpoint_dir/vqvae_last.pt")
+
+
+# Named starting points; explicit flags override them.
+PRESETS = {
+    # fits a 2-core CPU in minutes (the defaults)
+    "quick": {"image_size": 128, "hidden": 64, "res_hidden": 32, "num_codes": 256, "code_dim": 64,
+              "batch_size": 16},
+    # van den Oord et al. 2017 at full OASIS resolution: 256 hidden units everywhere, 512 x 64 codes
+    "paper": {"image_size": 256, "hidden": 256, "res_hidden": 256, "num_codes": 512, "code_dim": 64,
+              "batch_size": 32},
+}
+
+
+def warn_about_leaking_cases(root):
+    leaking = cases_in_several_splits(root)
+    if leaking:
+        examples = ", ".join(f"case {c} in {'+'.join(s)}" for c, s in list(leaking.items())[:3])
+        print(f"warning: {len(leaking)} case(s) sit in more than one split ({examples}); their slices are "
+              f"near copies, so validation and test scores will be optimistic", file=sys.stderr)
 
 
 def progress_indices(n, count=8):
@@ -100,6 +121,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     val_u8, _ = load_split_tensor(root, "validate", cfg.image_size, device, progress=progress)
     print(f"data: {root} | train {len(train_u8)} | validate {len(val_u8)} | "
           f"{cfg.image_size}x{cfg.image_size} | device {device}")
+    warn_about_leaking_cases(root)
 
     model = VQVAE(model_cfg).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -126,6 +148,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     def train_step(batch_ids):
         model.train()
         x = train_u8[batch_ids].float().div_(255)
+        if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
+            flip = torch.rand(len(x), device=device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(2), x)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
             logits, vq_loss, indices, _ = model(x)
         recon = reconstruction_loss(logits, x, cfg.recon_loss)
@@ -180,7 +205,7 @@ def save_progress_grid(model, images_u8, path):
 
 
 def main(argv=None):
-    cfg, model_cfg = parse_configs(__doc__, [TrainConfig, VQVAEConfig], argv)
+    cfg, model_cfg = parse_configs(__doc__, [TrainConfig, VQVAEConfig], argv, presets=PRESETS)
     run_script(lambda: train(cfg, model_cfg), batch_size=cfg.batch_size)
 
 

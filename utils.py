@@ -64,11 +64,23 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def parse_configs(description, config_classes, argv=None):
-    """Parse the flags of several config dataclasses at once; returns one instance each."""
+def parse_configs(description, config_classes, argv=None, presets=None):
+    """Parse the flags of several config dataclasses at once; returns one instance each.
+
+    presets: {name: {field: value}}, chosen with --preset NAME; flags given explicitly
+    still win over the preset's values."""
     parser = OneLineErrorParser(description=description, formatter_class=HelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None,
+                            help="start from a named set of defaults: " + "; ".join(
+                                f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+                                for name, values in presets.items()))
     for cls in config_classes:
         add_config_flags(parser, cls)
+    if presets:
+        chosen = parser.parse_known_args(argv)[0].preset
+        if chosen:
+            parser.set_defaults(**presets[chosen])
     args = vars(parser.parse_args(argv))
     return [cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
             for cls in config_classes]

@@ -529,3 +529,10 @@ def test_cli_help_documents_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--make-demo", "--stats", "--data", "--seed", "--image-size", "--cache-dir", "--no-cache"):
         assert flag in out
+
+
+def test_cases_in_several_splits_are_found(tree, tiny_demo):
+    from dataset import cases_in_several_splits
+    root, _ = tree
+    assert cases_in_several_splits(root) == {"001": list(SPLITS), "002": list(SPLITS)}
+    assert cases_in_several_splits(tiny_demo) == {}

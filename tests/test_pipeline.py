@@ -51,7 +51,7 @@ def test_predict_writes_every_listed_output(pipeline_run):
     work, _ = pipeline_run
     out = work / "out"
     for name in ("reconstructions.png", "samples.png", "progression.gif", "curves.png", "metrics.json",
-                 "code_maps.png"):
+                 "code_maps.png", "codebook_usage.png"):
         assert (out / name).is_file(), name
     assert Image.open(out / "reconstructions.png").mode == "L"
     samples = sorted((out / "samples").glob("*.png"))
@@ -70,6 +70,7 @@ def test_metrics_json_has_the_promised_keys(pipeline_run):
         assert isinstance(metrics[key], float)
     assert metrics["split"] == "test" and metrics["image_size"] == 32
     assert metrics["n_images"] == 4 and metrics["data_root"] == str(data)
+    assert 1 <= metrics["test_codes_used"] <= 16 and 1 <= metrics["test_perplexity"] <= 16
     assert -1 <= metrics["test_ssim_min"] <= metrics["test_ssim_mean"] <= 1
 
 
@@ -97,3 +98,15 @@ def test_train_on_a_missing_data_root_gives_a_one_line_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nowhere" in err
+
+
+def test_a_preset_sets_defaults_and_explicit_flags_win():
+    from modules import VQVAEConfig
+    from utils import parse_configs
+    classes = [train.TrainConfig, VQVAEConfig]
+    cfg, model_cfg = parse_configs("", classes, ["--preset", "paper", "--batch-size", "8"], train.PRESETS)
+    assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes, cfg.batch_size) == (256, 256, 512, 8)
+    cfg, model_cfg = parse_configs("", classes, [], train.PRESETS)
+    quick = train.PRESETS["quick"]
+    assert (cfg.image_size, model_cfg.hidden, cfg.batch_size) == (quick["image_size"], quick["hidden"],
+                                                                  quick["batch_size"])
