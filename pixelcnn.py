@@ -43,13 +43,22 @@ class PriorTrainConfig:
     resume: bool = opt(False, "continue exactly from checkpoint_dir/pixelcnn_last.pt")
 
 
-def load_vqvae(path, device):
-    """The VQ-VAE and its whole checkpoint (configs and training history)."""
-    ckpt = load_checkpoint(path, "vqvae", made_by="python train.py")
-    model = VQVAE(VQVAEConfig(**ckpt["model_config"])).to(device)
+def load_model(path, kind, build, made_by, device):
+    """A model rebuilt from its checkpoint alone, in eval mode, and the whole checkpoint."""
+    ckpt = load_checkpoint(path, kind, made_by=made_by)
+    model = build(ckpt["model_config"]).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt
+
+
+def load_vqvae(path, device):
+    return load_model(path, "vqvae", lambda c: VQVAE(VQVAEConfig(**c)), "python train.py", device)
+
+
+def load_prior(path, device):
+    return load_model(path, "pixelcnn", lambda c: build_prior(PixelCNNConfig(**c)),
+                      "python pixelcnn.py", device)
 
 
 @torch.no_grad()
@@ -89,14 +98,6 @@ def nll_bits(model, codes, slice_idx, batch_size=64):
         cond = slice_idx[i:i + batch_size] if slice_idx is not None else None
         total += float(F.cross_entropy(model(c, cond), c, reduction="sum"))
     return total / codes.numel() / LN2
-
-
-def load_prior(path, device):
-    ckpt = load_checkpoint(path, "pixelcnn", made_by="python pixelcnn.py")
-    model = build_prior(PixelCNNConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, ckpt
 
 
 def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True, stop=None):
