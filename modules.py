@@ -107,6 +107,7 @@ class VectorQuantizer(nn.Module):
         self.codebook = nn.Parameter(torch.randn(num_codes, code_dim) / math.sqrt(code_dim),
                                      requires_grad=not ema)
         self.register_buffer("initialized", torch.tensor(False))
+        self._seeded = False  # host-side copy of `initialized`, so a step needs no device sync
         self.register_buffer("steps_unused", torch.zeros(num_codes, dtype=torch.long))
         self.register_buffer("ema_count", torch.ones(num_codes))
         self.register_buffer("ema_sum", self.codebook.detach().clone())
@@ -122,7 +123,7 @@ class VectorQuantizer(nn.Module):
             z = z.float()
             b, d, h, w = z.shape
             flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-            if self.training and not bool(self.initialized):
+            if self.training and not self._is_seeded():
                 self._seed_codebook(flat)
             indices = self.nearest_codes(flat.detach())
             one_hot = F.one_hot(indices, self.num_codes).type_as(flat)
@@ -141,47 +142,76 @@ class VectorQuantizer(nn.Module):
             stats = {
                 "perplexity": torch.exp(-(probs * torch.log(probs + 1e-10)).sum()).detach(),
                 "codes_used": (counts > 0).sum().detach(),
+                "counts": counts.detach(),
             }
-            quantized = quantized.view(b, h, w, d).permute(0, 3, 1, 2).contiguous()
+            # Hand the decoder the memory layout the encoder produced (channels_last or not).
+            layout = (torch.channels_last if z.is_contiguous(memory_format=torch.channels_last)
+                      and not z.is_contiguous() else torch.contiguous_format)
+            quantized = quantized.view(b, h, w, d).permute(0, 3, 1, 2).contiguous(memory_format=layout)
             return quantized, loss, indices.view(b, h, w), stats
+
+    def _is_seeded(self):
+        if not self._seeded:  # reads the device once per process, not once per step
+            self._seeded = bool(self.initialized)
+        return self._seeded
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seeded = False  # the loaded state decides
 
     @torch.no_grad()
     def _seed_codebook(self, flat):
-        self.codebook.data.copy_(self._random_rows(flat, self.num_codes))
+        self.codebook.data.copy_(same_on_every_rank(self._random_rows(flat, self.num_codes)))
         self.ema_sum.copy_(self.codebook.data)
         self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
+        self._seeded = True
 
     @torch.no_grad()
     def _update_codebook(self, flat, indices, one_hot):
-        counts = one_hot.sum(0)
+        counts, sums = one_hot.sum(0), one_hot.t() @ flat
+        if distributed():  # every rank applies the update of the whole global batch
+            both = torch.cat([counts[:, None], sums], dim=1)
+            torch.distributed.all_reduce(both)
+            counts, sums = both[:, 0], both[:, 1:]
         if self.ema:
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-            self.ema_sum.mul_(self.decay).add_(one_hot.t() @ flat, alpha=1 - self.decay)
+            self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
             # Laplace smoothing keeps codes with a tiny count from dividing by ~0.
             n = self.ema_count.sum()
             smoothed = (self.ema_count + self.eps) / (n + self.num_codes * self.eps) * n
             self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         if self.dead_code_steps > 0:
-            dead = self.steps_unused >= self.dead_code_steps
-            n_dead = int(dead.sum())
-            if n_dead:
-                self.restart_codes(dead, flat)
+            self.restart_codes(self.steps_unused >= self.dead_code_steps, flat)
 
     @torch.no_grad()
     def restart_codes(self, dead, flat):
-        """Move the codes marked in `dead` onto randomly chosen encoder outputs."""
-        fresh = self._random_rows(flat, int(dead.sum()))
-        self.codebook.data[dead] = fresh
-        self.ema_sum[dead] = fresh
-        self.ema_count[dead] = 1.0
-        self.steps_unused[dead] = 0
+        """Move the codes marked in `dead` onto randomly chosen encoder outputs.
+
+        Candidates are drawn for every code and kept only where `dead` says so: asking
+        the device whether any code is dead would stall every training step."""
+        fresh = same_on_every_rank(self._random_rows(flat, self.num_codes))
+        self.codebook.data.copy_(torch.where(dead[:, None], fresh, self.codebook.data))
+        self.ema_sum.copy_(torch.where(dead[:, None], fresh, self.ema_sum))
+        self.ema_count.masked_fill_(dead, 1.0)
+        self.steps_unused.masked_fill_(dead, 0)
 
     @staticmethod
     def _random_rows(flat, n):
         pick = torch.randint(0, flat.shape[0], (n,), device=flat.device)
         return flat[pick]
+
+
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def same_on_every_rank(tensor):
+    """Rank 0's copy everywhere (a no-op in a single process)."""
+    if distributed():
+        torch.distributed.broadcast(tensor, src=0)
+    return tensor
 
 
 class VQVAE(nn.Module):
@@ -320,7 +350,7 @@ class GatedLayer(nn.Module):
     everything above and to the left, with no blind spot.
     """
 
-    def __init__(self, hidden, kernel, first, n_conditions, dropout):
+    def __init__(self, hidden, kernel, first, n_conditions, dropout, last=False):
         super().__init__()
         half = kernel // 2
         self.first = first
@@ -330,7 +360,9 @@ class GatedLayer(nn.Module):
         self.h_pad = (h_width - 1 + first, 0, 0, 0)
         self.h_conv = nn.Conv2d(hidden, 2 * hidden, (1, h_width))
         self.v_to_h = nn.Conv2d(2 * hidden, 2 * hidden, 1)
-        self.h_out = nn.Conv2d(hidden, hidden, 1)
+        # The last layer speaks only through its skip connection (no unused weights, which
+        # DistributedDataParallel would wait for).
+        self.h_out = None if last else nn.Conv2d(hidden, hidden, 1)
         self.skip = nn.Conv2d(hidden, hidden, 1)
         self.dropout = nn.Dropout(dropout)
         self.cond = nn.Embedding(n_conditions, 4 * hidden) if n_conditions else None
@@ -356,6 +388,8 @@ class GatedLayer(nn.Module):
             pre = self.h_conv(F.pad(h, self.h_pad))
         out = self.dropout(gate(pre + self.v_to_h(v_shifted), self.cond_biases(cond)[1]))
         skip = self.skip(out)
+        if self.h_out is None:
+            return None, skip
         h_out = self.h_out(out)
         return (h_out if self.first else h + h_out), skip
 
@@ -366,7 +400,7 @@ class GatedPixelCNN(nn.Module):
         self.cfg = cfg
         self.embed = CodeEmbedding(cfg.num_codes, cfg.hidden, cfg.grid_size)
         self.layers = nn.ModuleList(
-            GatedLayer(cfg.hidden, cfg.kernel, i == 0, cfg.n_conditions, cfg.dropout)
+            GatedLayer(cfg.hidden, cfg.kernel, i == 0, cfg.n_conditions, cfg.dropout, last=i == cfg.n_layers - 1)
             for i in range(cfg.n_layers)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(cfg.hidden, cfg.hidden, 1), nn.ReLU(),
@@ -408,7 +442,8 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
     """Ancestral sampling in raster order; returns (n, height, width) code indices.
 
     The gated model recomputes its vertical stacks once per row and only the cheap
-    horizontal stack per position, which is exact because rows never mix there.
+    horizontal stack, left of and at the position, per position; exact because rows
+    never mix there.
     """
     device = next(model.parameters()).device
     codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
@@ -419,10 +454,13 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
             above = codes[:, :row + 1]
             v_features = [f[:, :, row:row + 1] for f in model.vertical_features(above, cond)]
         for col in range(width):
+            # Outputs at (row, col) never depend on later rows or columns, so they are cropped away.
             if gated:
-                logits = model.horizontal_logits(codes[:, row:row + 1], v_features, cond, row)[:, :, 0, col]
+                band = codes[:, row:row + 1, :col + 1]
+                left = [f[..., :col + 1] for f in v_features]
+                logits = model.horizontal_logits(band, left, cond, row)[:, :, 0, -1]
             else:
-                logits = model(codes, cond)[:, :, row, col]
+                logits = model(codes[:, :row + 1], cond)[:, :, row, col]
             probs = F.softmax(logits.float() / temperature, dim=1)
             codes[:, row, col] = torch.multinomial(probs, 1, generator=generator)[:, 0]
         if progress is not None:

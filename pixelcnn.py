@@ -2,6 +2,8 @@
 
     python pixelcnn.py                        # gated PixelCNN conditioned on slice position
     python pixelcnn.py --kind plain --n-conditions 0
+    python pixelcnn.py --benchmark            # time training steps and sampling, print one JSON line
+    torchrun --nproc_per_node=4 pixelcnn.py   # DistributedDataParallel, one process per GPU
 
 Encodes the train and validate splits with checkpoints/vqvae_best.pt, trains with
 cross-entropy, and reports validation negative log-likelihood in bits per code beside
@@ -9,6 +11,7 @@ two baselines: uniform (log2 of the codebook size) and the code-frequency entrop
 Keeps checkpoints/pixelcnn_last.pt and the best-by-validation-NLL checkpoints/pixelcnn_best.pt.
 """
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from dataset import DataError, load_split_tensor, resolve_data_root
-from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior
-from utils import (RunState, load_checkpoint, make_scheduler, opt,
-                   parse_configs, pick_device, resume_run, rng_state, run_epochs,
-                   run_script, save_checkpoint, set_seed)
+from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior, sample_codes
+from utils import (Ranks, RunState, benchmark, join_processes, load_checkpoint, make_adam,
+                   make_scheduler, opt, parse_configs, pick_device, print_on_main, resume_run,
+                   rng_state, run_epochs, run_script, save_checkpoint, set_seed, synchronize,
+                   use_fast_math, wrap_for_ranks)
 
 LN2 = math.log(2)
 
@@ -41,6 +45,12 @@ class PriorTrainConfig:
     log_every: int = opt(50, "steps between loss log lines", minimum=1)
     checkpoint_every: int = opt(0, "also write pixelcnn_last.pt every this many steps; 0 = once per epoch")
     resume: bool = opt(False, "continue exactly from checkpoint_dir/pixelcnn_last.pt")
+    benchmark: bool = opt(False, "time training steps and sampling on random codes of --grid-size and "
+                                 "--num-codes (speed does not depend on their values, so no VQ-VAE is "
+                                 "needed) and print one JSON line; writes nothing")
+    benchmark_steps: int = opt(20, "timed training steps of --benchmark", minimum=1)
+    benchmark_warmup: int = opt(3, "untimed training steps before them", minimum=0)
+    benchmark_samples: int = opt(64, "code grids --benchmark samples, timed; 0 = skip sampling", minimum=0)
 
 
 def load_model(path, kind, build, made_by, device):
@@ -89,21 +99,48 @@ def conditions_for(slice_idx, cfg: PixelCNNConfig):
 
 
 @torch.no_grad()
-def nll_bits(model, codes, slice_idx, batch_size=64):
-    """Mean negative log-likelihood per code, in bits."""
+def nll_bits(model, codes, slice_idx, batch_size=64, ranks=None):
+    """Mean negative log-likelihood per code, in bits (shared out among processes)."""
+    ranks = ranks or Ranks()
+    codes = codes[ranks.rank::ranks.world]
+    slice_idx = slice_idx[ranks.rank::ranks.world] if slice_idx is not None else None
     model.eval()
-    total = 0.0
+    total = torch.zeros(2, dtype=torch.float64, device=codes.device)
     for i in range(0, len(codes), batch_size):
         c = codes[i:i + batch_size]
         cond = slice_idx[i:i + batch_size] if slice_idx is not None else None
-        total += float(F.cross_entropy(model(c, cond), c, reduction="sum"))
-    return total / codes.numel() / LN2
+        total[0] += F.cross_entropy(model(c, cond), c, reduction="sum").double()
+        total[1] += c.numel()
+    total = ranks.sum(total)
+    return float(total[0] / total[1]) / LN2
+
+
+def make_train_step(model, forward, optimizer, scheduler):
+    def train_step(codes, cond):
+        model.train()
+        loss = F.cross_entropy(forward(codes, cond), codes)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.detach()[None]
+    return train_step
 
 
 def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True, stop=None):
-    """Train the prior and return its history; raises as train.train does."""
+    """Train the prior and return its history; raises as train.train does.
+    Started by torchrun, every process trains on its share of each batch."""
+    ranks, device = join_processes(cfg.device)
+    try:
+        return train_prior_on(cfg, model_cfg, ranks, device, progress and ranks.main, stop)
+    finally:
+        ranks.close()
+
+
+def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
     set_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    use_fast_math(device)
+    say = print_on_main(ranks)
     vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
     image_size = vq_ckpt["train_config"]["image_size"]
     model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
@@ -116,15 +153,15 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
     grid = tuple(train_codes.shape[1:])
     baselines = {"uniform_bits": math.log2(model_cfg.num_codes),
                  "frequency_entropy_bits": frequency_entropy_bits(train_codes, model_cfg.num_codes)}
-    print(f"codes: train {tuple(train_codes.shape)} | validate {tuple(val_codes.shape)} | "
+    say(f"codes: train {tuple(train_codes.shape)} | validate {tuple(val_codes.shape)} | "
           f"baselines: uniform {baselines['uniform_bits']:.3f} bits, "
           f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f} bits")
 
     model = build_prior(model_cfg).to(device)
-    print(f"{model_cfg.kind} PixelCNN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    say(f"{model_cfg.kind} PixelCNN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"conditioned on {'slice position' if model_cfg.n_conditions else 'nothing'}")
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    steps_per_epoch = max(1, len(train_codes) // cfg.batch_size)
+    optimizer = make_adam(model.parameters(), cfg.lr, device)
+    steps_per_epoch = max(1, len(train_codes) // (cfg.batch_size * ranks.world))
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, cfg.epochs * steps_per_epoch)
     last_path = Path(cfg.checkpoint_dir) / "pixelcnn_last.pt"
     best_path = Path(cfg.checkpoint_dir) / "pixelcnn_best.pt"
@@ -141,44 +178,74 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "run": dataclasses.asdict(state), "rng": rng_state()}
 
+    step = make_train_step(model, wrap_for_ranks(model, ranks, device), optimizer, scheduler)
+
     def train_step(batch_ids):
-        model.train()
-        codes = train_codes[batch_ids]
-        cond = train_cond[batch_ids] if train_cond is not None else None
-        loss = F.cross_entropy(model(codes, cond), codes)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        return loss.detach()[None]
+        return step(train_codes[batch_ids], train_cond[batch_ids] if train_cond is not None else None)
 
     started = time.time()
 
     def end_epoch(epoch, means):
         train_bits = means[0] / LN2 if means else float("nan")
-        val_bits = nll_bits(model, val_codes, val_cond)
+        val_bits = nll_bits(model, val_codes, val_cond, ranks=ranks)
         record = {"epoch": epoch, "step": state.step, "lr": scheduler.get_last_lr()[0],
                   "train_nll_bits": train_bits, "val_nll_bits": val_bits, "seconds": time.time() - started}
         state.history.append(record)
-        print(f"epoch {epoch:3d} | train {train_bits:.3f} bits/code | validate {val_bits:.3f} bits/code "
-              f"| {record['seconds']:.0f}s")
+        say(f"epoch {epoch:3d} | train {train_bits:.3f} bits/code | validate {val_bits:.3f} bits/code "
+            f"| {record['seconds']:.0f}s")
         if val_bits < state.best:
             state.best = val_bits
-            save_checkpoint(best_path, checkpoint())
+            if ranks.main:
+                save_checkpoint(best_path, checkpoint())
 
     run_epochs(state, epochs=cfg.epochs, n_items=len(train_codes), batch_size=cfg.batch_size,
                seed=cfg.seed, device=device, train_step=train_step, end_epoch=end_epoch,
                save_last=lambda: save_checkpoint(last_path, checkpoint()), log_every=cfg.log_every,
                checkpoint_every=cfg.checkpoint_every, stop=stop,
-               resume_command="python pixelcnn.py --resume (with the same flags)", show_progress=progress)
-    print(f"best validation NLL {state.best:.3f} bits/code (uniform {baselines['uniform_bits']:.3f}, "
+               resume_command="python pixelcnn.py --resume (with the same flags)", show_progress=progress,
+               ranks=ranks)
+    say(f"best validation NLL {state.best:.3f} bits/code (uniform {baselines['uniform_bits']:.3f}, "
           f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f}) -> {best_path}")
     return state.history
 
 
+def benchmark_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig):
+    """Time training steps and the sampling of cfg.benchmark_samples grids; writes nothing."""
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    use_fast_math(device)
+    model = build_prior(model_cfg).to(device)
+    optimizer = make_adam(model.parameters(), cfg.lr, device)
+    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, 10 ** 6)
+    step = make_train_step(model, model, optimizer, scheduler)
+    side, b = model_cfg.grid_size, cfg.batch_size
+
+    def next_batch():
+        codes = torch.randint(0, model_cfg.num_codes, (b, side, side), device=device)
+        cond = torch.randint(0, model_cfg.n_conditions, (b,), device=device) if model_cfg.n_conditions else None
+        return codes, cond
+
+    result = benchmark(lambda batch: step(*batch), next_batch, batch_size=b,
+                       warmup=cfg.benchmark_warmup, steps=cfg.benchmark_steps, device=device)
+    result = {"script": "pixelcnn.py", "kind": model_cfg.kind, "grid_size": side,
+              "num_codes": model_cfg.num_codes, "hidden": model_cfg.hidden, "n_layers": model_cfg.n_layers,
+              **result}
+    if cfg.benchmark_samples:
+        n = cfg.benchmark_samples
+        cond = torch.randint(0, model_cfg.n_conditions, (n,), device=device) if model_cfg.n_conditions else None
+        synchronize(device)
+        started = time.perf_counter()
+        sample_codes(model.eval(), n, side, side, cond, generator=torch.Generator(device).manual_seed(cfg.seed))
+        synchronize(device)
+        result.update({"samples": n, "sampling_seconds": round(time.perf_counter() - started, 3)})
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None):
     cfg, model_cfg = parse_configs(__doc__, [PriorTrainConfig, PixelCNNConfig], argv)
-    run_script(lambda: train_prior(cfg, model_cfg), batch_size=cfg.batch_size)
+    work = benchmark_prior if cfg.benchmark else train_prior
+    run_script(lambda: work(cfg, model_cfg), batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":

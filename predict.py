@@ -37,7 +37,7 @@ from dataset import FOREGROUND_THRESHOLD, DataError, load_split_tensor, resolve_
 from modules import C2ST_CHANNELS, TwoSampleClassifier, sample_codes
 from pixelcnn import load_prior, load_vqvae
 from train import codebook_usage, progress_indices, reconstruct_all
-from utils import (image_grid, opt, parse_configs, pick_device, psnr_per_image, run_script,
+from utils import (die, image_grid, opt, parse_configs, pick_device, psnr_per_image, run_script,
                    save_gray_png, set_seed, ssim_per_image, to_uint8)
 
 matplotlib.use("Agg")
@@ -56,6 +56,8 @@ class PredictConfig:
     temperature: float = opt(1.0, "softmax temperature of the prior when sampling")
     sweep_frames: int = opt(8, "frames of slice_sweep.gif, one generated slice per conditioned position; 0 = none")
     save_reconstructions: bool = opt(False, "also write every test reconstruction as an 8-bit PNG")
+    reconstruction_only: bool = opt(False, "evaluate the VQ-VAE alone (no prior needed): reconstructions, "
+                                           "metrics, code maps, codebook use, progression and curves")
     seed: int = opt(0, "random seed for sampling")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     realism: bool = opt(False, "also measure whether samples pass for real (two-sample classifier with "
@@ -192,12 +194,19 @@ def save_curves(vq_history, prior_ckpt, path):
     axes[2].plot(epochs, [r["val_perplexity"] for r in vq_history], label="perplexity")
     axes[2].plot(epochs, [r["val_codes_used"] for r in vq_history], label="codes used")
     axes[2].set(title="codebook use (validation)", xlabel="epoch")
+    if prior_ckpt is None:
+        axes[3].set_visible(False)
+        return finish_figure(fig, axes, path)
     history, baselines = prior_ckpt["run"]["history"], prior_ckpt["baselines"]
     prior_epochs = [r["epoch"] for r in history]
     axes[3].plot(prior_epochs, [r["train_nll_bits"] for r in history], label="train")
     axes[3].plot(prior_epochs, [r["val_nll_bits"] for r in history], label="validate")
     axes[3].axhline(baselines["frequency_entropy_bits"], ls="--", c="gray", label="code-frequency entropy")
     axes[3].set(title="PixelCNN NLL (bits/code)", xlabel="epoch")
+    finish_figure(fig, axes, path)
+
+
+def finish_figure(fig, axes, path):
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -556,31 +565,36 @@ def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, root, image_size, test
 
 
 def predict(cfg: PredictConfig):
+    if cfg.realism and cfg.reconstruction_only:
+        die("--realism judges the prior's samples; it cannot go with --reconstruction-only")
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     out_dir = Path(cfg.out_dir)
     vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
-    prior, prior_ckpt = load_prior(cfg.prior, device)
+    prior, prior_ckpt = (None, None) if cfg.reconstruction_only else load_prior(cfg.prior, device)
     image_size = vq_ckpt["train_config"]["image_size"]
     root = resolve_data_root(cfg.data)
     test_u8, test_set = load_split_tensor(root, "test", image_size, device)
 
     recon = reconstruct_all(vqvae, test_u8)
     metrics = {**test_metrics(test_u8, recon), "split": "test", "image_size": image_size,
-               "n_images": len(test_u8), "data_root": str(root), "vqvae": cfg.vqvae, "prior": cfg.prior}
+               "n_images": len(test_u8), "data_root": str(root), "vqvae": cfg.vqvae,
+               "prior": None if cfg.reconstruction_only else cfg.prior}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_reconstruction_grid(test_u8, recon, out_dir / "reconstructions.png")
     if cfg.save_reconstructions:
         for name, image in zip(test_set.files, recon.squeeze(1).numpy()):
             save_gray_png(out_dir / "reconstructions" / name, to_uint8(image))
 
-    samples, seconds = generate(vqvae, prior, prior_ckpt, cfg.n_samples, cfg.slice,
-                                cfg.temperature, cfg.seed, device)
-    save_samples(samples, out_dir)
-    metrics.update({"prior_val_nll_bits": prior_ckpt["run"]["best"], **prior_ckpt["baselines"],
-                    "n_samples": cfg.n_samples, "sampling_seconds": seconds})
-    save_slice_sweep(vqvae, prior, prior_ckpt, cfg.sweep_frames, cfg.temperature, cfg.seed, device,
-                     out_dir / "slice_sweep.gif")
+    if prior is not None:
+        samples, seconds = generate(vqvae, prior, prior_ckpt, cfg.n_samples, cfg.slice,
+                                    cfg.temperature, cfg.seed, device)
+        save_samples(samples, out_dir)
+        metrics.update({"prior_val_nll_bits": prior_ckpt["run"]["best"], **prior_ckpt["baselines"],
+                        "n_samples": cfg.n_samples, "sampling_seconds": seconds})
+        save_slice_sweep(vqvae, prior, prior_ckpt, cfg.sweep_frames, cfg.temperature, cfg.seed, device,
+                         out_dir / "slice_sweep.gif")
+        print(f"sampled {cfg.n_samples} slices in {seconds:.1f}s -> {out_dir / 'samples.png'}")
     save_code_maps(vqvae, test_u8, out_dir / "code_maps.png")
     perplexity, used = save_codebook_usage(vqvae, test_u8, out_dir / "codebook_usage.png")
     metrics.update({"test_perplexity": perplexity, "test_codes_used": used})
@@ -588,7 +602,6 @@ def predict(cfg: PredictConfig):
     save_curves(vq_ckpt["run"]["history"], prior_ckpt, out_dir / "curves.png")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    print(f"sampled {cfg.n_samples} slices in {seconds:.1f}s -> {out_dir / 'samples.png'}")
     print(f"test SSIM {metrics['test_ssim_mean']:.4f} (min {metrics['test_ssim_min']:.4f}, "
           f"std {metrics['test_ssim_std']:.4f}) | PSNR {metrics['test_psnr_mean']:.2f} dB | "
           f"{len(test_u8)} test slices at {image_size}x{image_size} from {root}")

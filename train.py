@@ -3,12 +3,16 @@
     python train.py                          # demo set, quick CPU profile
     python train.py --data /path/to/oasis    # a folder holding keras_png_slices_{train,validate,test}
     python train.py --resume                 # continue the last run exactly where it stopped
+    python train.py --benchmark              # time training steps, print one JSON line
+    torchrun --nproc_per_node=4 train.py ... # DistributedDataParallel, one process per GPU
 
 Every epoch logs losses, codebook perplexity and codes used, and the validation SSIM;
 keeps checkpoints/vqvae_last.pt and the best-by-validation-SSIM checkpoints/vqvae_best.pt;
 and writes a fixed grid of validation reconstructions to out/progress/ for the GIF.
 """
 import dataclasses
+import itertools
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -20,9 +24,10 @@ import torch.nn.functional as F
 
 from dataset import cases_in_several_splits, load_split_tensor, resolve_data_root
 from modules import VQVAE, VQVAEConfig
-from utils import (RunState, image_grid, make_scheduler, opt, parse_configs, pick_device,
-                   resume_run, rng_state, run_epochs, run_script, save_checkpoint, save_gray_png,
-                   set_seed, ssim_per_image)
+from utils import (Ranks, RunState, benchmark, epoch_order, image_grid, join_processes, make_adam,
+                   make_scheduler, opt, parse_configs, pick_device, print_on_main, resume_run,
+                   rng_state, run_epochs, run_script, save_checkpoint, save_gray_png, set_seed,
+                   ssim_per_image, use_fast_math, wrap_for_ranks)
 
 
 @dataclass
@@ -45,6 +50,16 @@ class TrainConfig:
     log_every: int = opt(50, "steps between log lines (loss, codebook perplexity, codes used)", minimum=1)
     checkpoint_every: int = opt(0, "also write vqvae_last.pt every this many steps; 0 = once per epoch")
     resume: bool = opt(False, "continue exactly from checkpoint_dir/vqvae_last.pt")
+    channels_last: bool = opt(True, "keep activations channels-last (the layout fast convolution kernels want)")
+    compile: bool = opt(False, "torch.compile the training step's model (compiling takes a while first)")
+    benchmark: bool = opt(False, "time training steps and print one JSON line (images/s, ms/step, memory, "
+                                 "FLOPs); trains on the real data but writes nothing")
+    benchmark_steps: int = opt(20, "timed steps of --benchmark", minimum=1)
+    benchmark_warmup: int = opt(3, "untimed steps before them", minimum=0)
+    benchmark_loader: str = opt("resident", "how --benchmark feeds batches: resident (the split sits on the device "
+                                            "as uint8, batched and converted there, as training does) or "
+                                            "dataloader (a DataLoader over host memory, copying every batch)",
+                                choices=["resident", "dataloader"])
 
 
 # Named starting points; explicit flags override them.
@@ -83,17 +98,22 @@ def reconstruct_all(model, images_u8, batch_size=64):
     return torch.cat([model.reconstruct(x).cpu() for x in batches(images_u8, batch_size)])
 
 
-def evaluate(model, images_u8, batch_size=64):
-    """Mean SSIM and per-code counts over a held-out split."""
+def evaluate(model, images_u8, batch_size=64, ranks=None):
+    """Mean SSIM and per-code counts over a held-out split (shared out among processes)."""
+    ranks = ranks or Ranks()
+    mine = images_u8[ranks.rank::ranks.world]
     model.eval()
     recons, counts = [], torch.zeros(model.cfg.num_codes, dtype=torch.long)
     with torch.no_grad():
-        for x in batches(images_u8, batch_size):
+        for x in batches(mine, batch_size):
             logits, _, indices, _ = model(x)
             recons.append(torch.sigmoid(logits).float().cpu())
             counts += torch.bincount(indices.flatten().cpu(), minlength=model.cfg.num_codes)
-    ssim = ssim_per_image(images_u8.float().div(255).cpu(), torch.cat(recons))
-    return float(ssim.mean()), counts
+    ssim = ssim_per_image(mine.float().div(255).cpu(), torch.cat(recons)) if len(mine) else np.zeros(0)
+    device = images_u8.device
+    total = ranks.sum(torch.tensor([ssim.sum(), len(ssim)], dtype=torch.float64, device=device))
+    counts = ranks.sum(counts.to(device)).cpu()
+    return float(total[0] / total[1]), counts
 
 
 def codebook_usage(counts):
@@ -108,31 +128,91 @@ def reconstruction_loss(logits, x, kind):
     return F.mse_loss(torch.sigmoid(logits.float()), x)
 
 
+def build_model(cfg: TrainConfig, model_cfg: VQVAEConfig, device):
+    model = VQVAE(model_cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_train_step(model, forward, optimizer, scheduler, cfg: TrainConfig, device, counts):
+    """One optimisation step on a float batch in [0, 1]; returns the detached losses
+    (total, reconstruction, vq) as one device tensor, so nothing waits for the device."""
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def train_step(x):
+        model.train()
+        if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
+            flip = torch.rand(len(x), device=device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(2), x)
+        x = x.contiguous(memory_format=layout)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            logits, vq_loss, _, stats = forward(x)
+        recon = reconstruction_loss(logits, x, cfg.recon_loss)
+        loss = recon + vq_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        counts.add_(stats["counts"].long())
+        return torch.stack([loss.detach(), recon.detach(), vq_loss.detach()])
+
+    return train_step
+
+
+def setup_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_train):
+    """Model, optimizer, scheduler and the step function, the same for training and --benchmark."""
+    use_fast_math(device)
+    model = build_model(cfg, model_cfg, device)
+    forward = wrap_for_ranks(model, ranks, device)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    optimizer = make_adam([p for p in model.parameters() if p.requires_grad], cfg.lr, device)
+    steps_per_epoch = max(1, n_train // (cfg.batch_size * ranks.world))
+    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, cfg.epochs * steps_per_epoch)
+    counts = torch.zeros(model_cfg.num_codes, dtype=torch.long, device=device)
+    step = make_train_step(model, forward, optimizer, scheduler, cfg, device, counts)
+    return model, optimizer, scheduler, step, counts
+
+
+def to_float(images_u8):
+    return images_u8.float().div_(255)
+
+
 def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     """Train and return the run's history (one dict per epoch).
 
     Raises DataError, CheckpointError, NonFiniteLoss, or KeyboardInterrupt after saving
     when stopped by SIGINT/SIGTERM (or by `stop`, an object whose .signal turns non-None).
+    Started by torchrun, every process trains on its share of each batch.
     """
+    ranks, device = join_processes(cfg.device)
+    try:
+        return train_on(cfg, model_cfg, ranks, device, progress and ranks.main, stop)
+    finally:
+        ranks.close()
+
+
+def train_on(cfg, model_cfg, ranks, device, progress, stop):
     set_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    say = print_on_main(ranks)
     root = resolve_data_root(cfg.data)
     train_u8, _ = load_split_tensor(root, "train", cfg.image_size, device, progress=progress)
     val_u8, _ = load_split_tensor(root, "validate", cfg.image_size, device, progress=progress)
-    print(f"data: {root} | train {len(train_u8)} | validate {len(val_u8)} | "
-          f"{cfg.image_size}x{cfg.image_size} | device {device}")
-    warn_about_leaking_cases(root)
+    say(f"data: {root} | train {len(train_u8)} | validate {len(val_u8)} | "
+        f"{cfg.image_size}x{cfg.image_size} | device {device}"
+        + (f" | {ranks.world} processes" if ranks.world > 1 else ""))
+    if ranks.main:
+        warn_about_leaking_cases(root)
 
-    model = VQVAE(model_cfg).to(device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    steps_per_epoch = max(1, len(train_u8) // cfg.batch_size)
-    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, cfg.epochs * steps_per_epoch)
+    model, optimizer, scheduler, step, counts = setup_training(cfg, model_cfg, device, ranks, len(train_u8))
     last_path = Path(cfg.checkpoint_dir) / "vqvae_last.pt"
     best_path = Path(cfg.checkpoint_dir) / "vqvae_best.pt"
     state = RunState(best=-1.0)
     if cfg.resume:
         state = resume_run(last_path, "vqvae", "python train.py", model, model_cfg, optimizer, scheduler)
-    else:  # a new run's GIF must not pick up an older run's frames
+    elif ranks.main:  # a new run's GIF must not pick up an older run's frames
         for old_frame in Path(cfg.progress_dir).glob("epoch_*.png"):
             old_frame.unlink()
 
@@ -142,28 +222,11 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "run": dataclasses.asdict(state), "rng": rng_state()}
 
-    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    counts = torch.zeros(model_cfg.num_codes, dtype=torch.long, device=device)
-
     def train_step(batch_ids):
-        model.train()
-        x = train_u8[batch_ids].float().div_(255)
-        if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
-            flip = torch.rand(len(x), device=device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(2), x)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            logits, vq_loss, indices, _ = model(x)
-        recon = reconstruction_loss(logits, x, cfg.recon_loss)
-        loss = recon + vq_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        counts.add_(torch.bincount(indices.flatten(), minlength=model_cfg.num_codes))
-        return torch.stack([loss.detach(), recon.detach(), vq_loss.detach()])
+        return step(to_float(train_u8[batch_ids]))
 
     def codebook_since_last_log():
-        perplexity, used = codebook_usage(counts.cpu())
+        perplexity, used = codebook_usage(ranks.sum(counts.clone()).cpu())
         counts.zero_()
         return f"perplexity {perplexity:.1f} | codes used {used}/{model_cfg.num_codes}"
 
@@ -172,29 +235,86 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
 
     def end_epoch(epoch, means):
         train_loss, train_recon, train_vq = means or [float("nan")] * 3
-        val_ssim, val_counts = evaluate(model, val_u8)
+        val_ssim, val_counts = evaluate(model, val_u8, ranks=ranks)
         perplexity, used = codebook_usage(val_counts)
         record = {"epoch": epoch, "step": state.step, "lr": scheduler.get_last_lr()[0],
                   "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
                   "val_ssim": val_ssim, "val_perplexity": perplexity, "val_codes_used": used,
                   "seconds": time.time() - started}
         state.history.append(record)
-        print(f"epoch {epoch:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
-              f"| val SSIM {val_ssim:.4f} | perplexity {perplexity:.1f} | codes {used}/{model_cfg.num_codes} "
-              f"| {record['seconds']:.0f}s")
-        save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch:03d}.png")
-        if val_ssim > state.best:
+        say(f"epoch {epoch:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
+            f"| val SSIM {val_ssim:.4f} | perplexity {perplexity:.1f} | codes {used}/{model_cfg.num_codes} "
+            f"| {record['seconds']:.0f}s")
+        if ranks.main:
+            save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch:03d}.png")
+        if val_ssim > state.best:  # every process holds the same all-reduced figure
             state.best = val_ssim
-            save_checkpoint(best_path, checkpoint())
+            if ranks.main:
+                save_checkpoint(best_path, checkpoint())
 
     run_epochs(state, epochs=cfg.epochs, n_items=len(train_u8), batch_size=cfg.batch_size,
                seed=cfg.seed, device=device, train_step=train_step, end_epoch=end_epoch,
                save_last=lambda: save_checkpoint(last_path, checkpoint()),
                on_log=codebook_since_last_log, log_every=cfg.log_every,
                checkpoint_every=cfg.checkpoint_every, stop=stop,
-               resume_command="python train.py --resume (with the same flags)", show_progress=progress)
-    print(f"best validation SSIM {state.best:.4f} -> {best_path}")
+               resume_command="python train.py --resume (with the same flags)", show_progress=progress,
+               ranks=ranks)
+    say(f"best validation SSIM {state.best:.4f} -> {best_path}")
     return state.history
+
+
+def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig):
+    """Time training steps on the real training split; writes no checkpoint or image."""
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    train_u8, _ = load_split_tensor(resolve_data_root(cfg.data), "train", cfg.image_size, device)
+    _, _, _, step, _ = setup_training(cfg, model_cfg, device, Ranks(), len(train_u8))
+    next_batch = (resident_batches if cfg.benchmark_loader == "resident" else loader_batches)(
+        train_u8, cfg.batch_size, cfg.seed, device)
+    result = benchmark(step, next_batch, batch_size=cfg.batch_size, warmup=cfg.benchmark_warmup,
+                       steps=cfg.benchmark_steps, device=device)
+    result = {"script": "train.py", "loader": cfg.benchmark_loader, "image_size": cfg.image_size,
+              "dtype": cfg.dtype, "channels_last": cfg.channels_last, "compile": cfg.compile,
+              "hidden": model_cfg.hidden, "num_codes": model_cfg.num_codes, **result}
+    print(json.dumps(result))
+    return result
+
+
+def resident_batches(images_u8, batch_size, seed, device):
+    """Batches as training makes them: indexing and conversion happen on the device."""
+    epoch = itertools.count()
+    order, position = epoch_order(len(images_u8), seed, next(epoch)).to(device), 0
+
+    def next_batch():
+        nonlocal order, position
+        if position + batch_size > len(images_u8):
+            order, position = epoch_order(len(images_u8), seed, next(epoch)).to(device), 0
+        position += batch_size
+        return to_float(images_u8[order[position - batch_size:position]])
+
+    return next_batch
+
+
+def loader_batches(images_u8, batch_size, seed, device):
+    """The common alternative: a shuffling DataLoader over host memory, with two workers
+    converting to float, and a copy to the device every step."""
+    host = torch.utils.data.TensorDataset(images_u8.cpu())
+    loader = torch.utils.data.DataLoader(
+        host, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=2,
+        persistent_workers=True, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=lambda items: torch.stack([x for (x,) in items]).float().div_(255))
+    batches = iter(())
+
+    def next_batch():
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        return batch.to(device, non_blocking=True)
+
+    return next_batch
 
 
 def save_progress_grid(model, images_u8, path):
@@ -206,7 +326,8 @@ def save_progress_grid(model, images_u8, path):
 
 def main(argv=None):
     cfg, model_cfg = parse_configs(__doc__, [TrainConfig, VQVAEConfig], argv, presets=PRESETS)
-    run_script(lambda: train(cfg, model_cfg), batch_size=cfg.batch_size)
+    work = benchmark_training if cfg.benchmark else train
+    run_script(lambda: work(cfg, model_cfg), batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":

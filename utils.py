@@ -6,6 +6,7 @@ import random
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,75 @@ def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def use_fast_math(device):
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+
+
+def make_adam(parameters, lr, device):
+    # The fused kernel exists on CUDA; elsewhere Adam's default (foreach) implementation is used.
+    return torch.optim.Adam(parameters, lr=lr, fused=device.type == "cuda" or None)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+@dataclasses.dataclass
+class Ranks:
+    """This process's place among the processes torchrun started (one process: rank 0 of 1)."""
+    rank: int = 0
+    world: int = 1
+    started_group: bool = False
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def sum(self, tensor):
+        """All-reduce in place (sum over processes); returns the tensor."""
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag, device):
+        if self.world == 1:
+            return flag
+        return bool(self.sum(torch.tensor(float(flag), device=device)) > 0)
+
+    def close(self):
+        if self.started_group:
+            torch.distributed.destroy_process_group()
+
+
+def join_processes(device_name):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, one GPU per
+    process, and gloo on CPUs. Returns (Ranks, device); a plain run needs none of it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return Ranks(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    started = not torch.distributed.is_initialized()
+    if started:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(rank, world, started), device
+
+
+def wrap_for_ranks(model, ranks, device):
+    """DistributedDataParallel over several processes. Buffers are not broadcast: the
+    quantizer keeps its own in step by all-reducing its statistics."""
+    if ranks.world == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def print_on_main(ranks):
+    return print if ranks.main else (lambda *args, **kwargs: None)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -252,51 +322,68 @@ def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
 
 def run_epochs(state, *, epochs, n_items, batch_size, seed, device, train_step, end_epoch,
                save_last, on_log=None, log_every=50, checkpoint_every=0, stop=None,
-               resume_command="", show_progress=True):
+               resume_command="", show_progress=True, ranks=None):
     """The loop both trainers share.
 
     train_step(batch_ids) -> 1-D tensor of detached losses, the total first;
     end_epoch(epoch, mean_losses) evaluates, records and saves the best checkpoint;
     save_last() writes the resumable checkpoint. Losses stay on the device between log
     points (no host sync per step); they are checked for NaN before anything is saved.
+    With several processes each takes its own share of every batch-sized slice of the
+    epoch's order, losses are averaged over processes, and only rank 0 saves and prints.
     """
-    steps_per_epoch = max(1, n_items // batch_size)
+    ranks = ranks or Ranks()
+    say = print_on_main(ranks)
+    global_batch = batch_size * ranks.world
+    steps_per_epoch = max(1, n_items // global_batch)
     with stop or StopFlag() as stop:
         for epoch in range(state.epoch, epochs):
             order = epoch_order(n_items, seed, epoch).to(device)
             first = state.step_in_epoch
             sums, bad_step = None, torch.tensor(-1, device=device)
+            step_on_device = torch.tensor(state.step, device=device)
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=not show_progress, leave=False)
+                       disable=not (show_progress and ranks.main), leave=False)
             for i in bar:
-                losses = train_step(order[i * batch_size:(i + 1) * batch_size])
+                start = i * global_batch + ranks.rank * batch_size
+                losses = train_step(order[start:start + batch_size])
                 state.step += 1
                 state.step_in_epoch = i + 1
+                step_on_device += 1
                 sums = losses if sums is None else sums + losses
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses[0]),
-                                       torch.tensor(state.step, device=device), bad_step)
-                if state.step % log_every == 0:
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses[0]), step_on_device, bad_step)
+                at_log_point = state.step % log_every == 0
+                if at_log_point:
                     _check_finite(bad_step, losses)
-                    message = f"step {state.step} | loss {losses[0].item():.5f}"
+                    message = f"step {state.step} | loss {float(ranks.sum(losses[0].clone())) / ranks.world:.5f}"
                     if on_log is not None:
                         message += " | " + on_log()
-                    bar.write(message) if show_progress else print(message)
+                    if show_progress and ranks.main:
+                        bar.write(message)
+                    else:
+                        say(message)
+                # Processes must agree to stop at the same step; they compare notes only at
+                # log points, which keeps the other steps free of host syncs.
                 wants_stop = stop.signal is not None
+                if ranks.world > 1:
+                    wants_stop = at_log_point and ranks.any(wants_stop, device)
                 if wants_stop or (checkpoint_every and state.step % checkpoint_every == 0):
                     _check_finite(bad_step, losses)
-                    save_last()
+                    if ranks.main:
+                        save_last()
                 if wants_stop:
-                    raise KeyboardInterrupt(f"{stop.signal}: saved the run at step {state.step}; "
+                    raise KeyboardInterrupt(f"{stop.signal or 'stop'}: saved the run at step {state.step}; "
                                             f"continue with: {resume_command}")
             bar.close()
             if sums is not None:
                 _check_finite(bad_step, sums)
-                means = (sums / (steps_per_epoch - first)).tolist()
+                means = (ranks.sum(sums) / ranks.world / (steps_per_epoch - first)).tolist()
             else:
                 means = []
             state.epoch, state.step_in_epoch = epoch + 1, 0
             end_epoch(epoch + 1, means)
-            save_last()
+            if ranks.main:
+                save_last()
 
 
 def _check_finite(bad_step, losses):
@@ -304,6 +391,57 @@ def _check_finite(bad_step, losses):
     if step >= 0:
         raise NonFiniteLoss(f"the loss became non-finite at step {step}; stopped without saving "
                             f"(the last checkpoint is from before it); try a lower --lr")
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def count_flops(step, *args):
+    """FLOPs of one call of step(*args), counted op by op; returns (total, convolution share)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step(*args)
+    per_op = counter.get_flop_counts().get("Global", {})
+    conv = sum(n for op, n in per_op.items() if "convolution" in str(op))
+    return counter.get_total_flops(), conv
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda max allocated"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def benchmark(step, next_batch, *, batch_size, warmup, steps, device):
+    """Time `steps` calls of step(next_batch()) after `warmup` untimed ones (and one counted
+    for FLOPs); returns the figures of the JSON line the trainers print."""
+    flops, conv_flops = count_flops(step, next_batch())
+    for _ in range(warmup):
+        step(next_batch())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(next_batch())
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    memory, memory_kind = peak_memory_mb(device)
+    return {
+        "images_per_s": round(batch_size * steps / seconds, 2),
+        "ms_per_step": round(1000 * seconds / steps, 3),
+        "peak_memory_mb": round(memory, 1), "memory": memory_kind,
+        "flops_per_image": flops / batch_size,
+        "conv_flop_share": round(conv_flops / flops, 4) if flops else 0.0,
+        "achieved_tflops": round(flops * steps / seconds / 1e12, 4),
+        "batch_size": batch_size, "warmup_steps": warmup, "timed_steps": steps,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    }
 
 
 # ----------------------------------------------------------------------------- metrics

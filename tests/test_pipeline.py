@@ -110,3 +110,20 @@ def test_a_preset_sets_defaults_and_explicit_flags_win():
     quick = train.PRESETS["quick"]
     assert (cfg.image_size, model_cfg.hidden, cfg.batch_size) == (quick["image_size"], quick["hidden"],
                                                                   quick["batch_size"])
+
+
+def test_reconstruction_only_evaluates_the_vqvae_without_a_prior(pipeline_run):
+    work, data = pipeline_run
+    previous = os.getcwd()
+    os.chdir(work)
+    try:
+        predict.main(["--data", str(data), "--reconstruction-only", "--prior", "missing.pt",
+                      "--out-dir", "recon_only"])
+    finally:
+        os.chdir(previous)
+    metrics = json.loads((work / "recon_only" / "metrics.json").read_text())
+    full = json.loads((work / "out" / "metrics.json").read_text())
+    assert metrics["test_ssim_mean"] == pytest.approx(full["test_ssim_mean"])
+    assert metrics["prior"] is None and "sampling_seconds" not in metrics
+    assert not (work / "recon_only" / "samples").exists()
+    assert (work / "recon_only" / "curves.png").is_file()
