@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from dataset import DataError, load_split_tensor, resolve_data_root
 from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior, sample_codes
-from utils import (Ranks, RunState, benchmark, join_processes, load_checkpoint, make_adam,
+from utils import (Ranks, RunState, benchmark, join_processes, load_checkpoint, load_weights, make_adam,
                    make_scheduler, opt, parse_configs, pick_device, print_on_main, resume_run,
                    rng_state, run_epochs, run_script, save_checkpoint, set_seed, synchronize,
                    use_fast_math, wrap_for_ranks)
@@ -57,7 +57,7 @@ def load_model(path, kind, build, made_by, device):
     """A model rebuilt from its checkpoint alone, in eval mode, and the whole checkpoint."""
     ckpt = load_checkpoint(path, kind, made_by=made_by)
     model = build(ckpt["model_config"]).to(device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, path)
     model.eval()
     return model, ckpt
 

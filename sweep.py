@@ -20,9 +20,7 @@ import sys
 from pathlib import Path
 
 import train
-from modules import VQVAEConfig
-from utils import (HelpFormatter, NonFiniteLoss, OneLineErrorParser, die, load_checkpoint, parse_configs,
-                   run_script)
+from utils import HelpFormatter, NonFiniteLoss, OneLineErrorParser, die, load_checkpoint, run_script
 
 OWN_FLAGS = {"--runs", "--file", "--common", "--out-dir", "--checkpoint-root", "-h", "--help"}
 # Where a run is written and how often it logs or saves do not change what it learns.
@@ -59,7 +57,7 @@ def parse_train_flags(argv, label):
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return parse_configs(train.__doc__, [train.TrainConfig, VQVAEConfig], argv, presets=train.PRESETS)
+            return train.parse_args(argv)
     except SystemExit as stop:
         if not stop.code:  # --help among a run's flags: train.py's help was printed
             raise

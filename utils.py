@@ -7,6 +7,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,21 +66,24 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def parse_configs(description, config_classes, argv=None, presets=None):
+def parse_configs(description, config_classes, argv=None, presets=None, default_preset=None):
     """Parse the flags of several config dataclasses at once; returns one instance each.
 
     presets: {name: {field: value}}, chosen with --preset NAME; flags given explicitly
-    still win over the preset's values."""
+    still win over the preset's values. default_preset(args) names the preset used when
+    none is given (args: the flags parsed so far), with a line of help saying how it picks."""
     parser = OneLineErrorParser(description=description, formatter_class=HelpFormatter)
     if presets:
+        pick = f"; when not given, {default_preset.__doc__.strip()}" if default_preset else ""
         parser.add_argument("--preset", choices=sorted(presets), default=None,
-                            help="start from a named set of defaults: " + "; ".join(
+                            help="start from a named set of defaults" + pick + ": " + "; ".join(
                                 f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
                                 for name, values in presets.items()))
     for cls in config_classes:
         add_config_flags(parser, cls)
     if presets:
-        chosen = parser.parse_known_args(argv)[0].preset
+        known = parser.parse_known_args(argv)[0]
+        chosen = known.preset or (default_preset(known) if default_preset else None)
         if chosen:
             parser.set_defaults(**presets[chosen])
     args = vars(parser.parse_args(argv))
@@ -224,6 +228,17 @@ def load_checkpoint(path, kind, made_by=None):
     return payload
 
 
+def load_weights(model, ckpt, path):
+    """Weights into a model built from the checkpoint's config; a checkpoint whose tensors do
+    not fit (written by an older version of a model) gets a one-line error."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise CheckpointError(f"{path} does not fit this version's {ckpt['kind']} model ({detail}); "
+                              f"train it again") from None
+
+
 def check_same_config(path, saved, config):
     """Refuse to resume into a model built differently, naming what differs."""
     wanted = dataclasses.asdict(config)
@@ -311,7 +326,7 @@ def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
     """Restore everything a run needs to continue exactly; returns its RunState."""
     ckpt = load_checkpoint(path, kind, made_by=made_by)
     check_same_config(path, ckpt["model_config"], model_cfg)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     restore_rng_state(ckpt["rng"])
@@ -398,7 +413,9 @@ def _check_finite(bad_step, losses):
 def count_flops(step, *args):
     """FLOPs of one call of step(*args), counted op by op; returns (total, convolution share)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, warnings.catch_warnings():
+        # the counter's module hooks fire once more under a compiled model; the count is the same
+        warnings.filterwarnings("ignore", message=".*global hooks on modules")
         step(*args)
     per_op = counter.get_flop_counts().get("Global", {})
     conv = sum(n for op, n in per_op.items() if "convolution" in str(op))

@@ -112,6 +112,15 @@ def test_a_preset_sets_defaults_and_explicit_flags_win():
                                                                   quick["batch_size"])
 
 
+def test_without_a_preset_a_gpu_run_gets_the_paper_model_and_a_cpu_run_the_quick_one():
+    cfg, model_cfg = train.parse_args(["--device", "cuda"])  # parsing only: nothing touches a GPU
+    assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes) == (256, 256, 512)
+    cfg, model_cfg = train.parse_args(["--device", "cpu"])
+    assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes) == (128, 64, 256)
+    cfg, _ = train.parse_args(["--device", "cuda", "--preset", "quick", "--image-size", "64"])
+    assert cfg.image_size == 64
+
+
 def test_reconstruction_only_evaluates_the_vqvae_without_a_prior(pipeline_run):
     work, data = pipeline_run
     previous = os.getcwd()

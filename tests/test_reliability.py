@@ -1,4 +1,5 @@
 """Interruptions, resume, non-finite losses and checkpoint loading."""
+import dataclasses
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import torch
 import pixelcnn
 import predict
 import train
-from modules import PixelCNNConfig, VQVAEConfig
+from modules import PixelCNNConfig, VQVAEConfig, build_prior
 from utils import CheckpointError, NonFiniteLoss, load_checkpoint, parse_configs, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +163,17 @@ def test_a_file_that_is_not_our_checkpoint_is_refused_with_a_message(tmp_path):
     save_checkpoint(prior, {"kind": "pixelcnn"})
     with pytest.raises(CheckpointError, match="not a vqvae checkpoint"):
         load_checkpoint(prior, "vqvae")
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_the_model_gets_one_line(tmp_path):
+    cfg = PixelCNNConfig(num_codes=8, hidden=8, n_layers=2, kernel=3)
+    weights = build_prior(cfg).state_dict()
+    weights["layers.1.h_out.weight"] = torch.zeros(8, 8, 1, 1)  # a layer this version no longer has
+    path = tmp_path / "old_prior.pt"
+    save_checkpoint(path, {"kind": "pixelcnn", "model": weights, "model_config": dataclasses.asdict(cfg)})
+    with pytest.raises(CheckpointError, match=r"does not fit this version's pixelcnn model \(.*h_out") as err:
+        pixelcnn.load_prior(path, "cpu")
+    assert len(str(err.value).splitlines()) == 1
 
 
 class Payload:

@@ -1,0 +1,45 @@
+"""--benchmark prints one JSON line of counted figures and writes nothing."""
+import json
+import os
+
+import pytest
+
+import pixelcnn
+import train
+from test_pipeline import TINY_PRIOR, TINY_VQVAE
+
+KEYS = {"images_per_s", "ms_per_step", "peak_memory_mb", "flops_per_image", "achieved_tflops"}
+
+
+def run_benchmark(main, argv, work, capsys):
+    previous = os.getcwd()
+    os.chdir(work)
+    try:
+        main(argv)
+    finally:
+        os.chdir(previous)
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("loader", ["resident", "dataloader"])
+def test_train_benchmark_counts_flops_and_writes_nothing(tmp_path, tiny_demo, capsys, loader):
+    args = ["--benchmark", "--data", str(tiny_demo), *TINY_VQVAE, "--benchmark-steps", "2",
+            "--benchmark-warmup", "1", "--benchmark-loader", loader]
+    small = run_benchmark(train.main, args, tmp_path, capsys)
+    assert KEYS <= small.keys() and small["loader"] == loader
+    assert small["images_per_s"] > 0 and small["batch_size"] == 8
+    assert 0.5 < small["conv_flop_share"] <= 1
+    assert {p.name for p in tmp_path.iterdir()} <= {".cache"}  # the decoded split; no checkpoint, no image
+    # counted, not guessed: twice the side, four times the work of every convolution
+    large = run_benchmark(train.main, args + ["--image-size", "64"], tmp_path, capsys)
+    assert large["flops_per_image"] / small["flops_per_image"] == pytest.approx(4, rel=0.05)
+
+
+def test_prior_benchmark_times_training_and_sampling_without_a_vqvae(tmp_path, capsys):
+    result = run_benchmark(pixelcnn.main, ["--benchmark", *TINY_PRIOR, "--grid-size", "6", "--num-codes", "16",
+                                           "--benchmark-steps", "2", "--benchmark-warmup", "0",
+                                           "--benchmark-samples", "3"], tmp_path, capsys)
+    assert KEYS <= result.keys() and result["flops_per_image"] > 0
+    assert result["samples"] == 3 and result["sampling_seconds"] > 0
+    assert list(tmp_path.iterdir()) == []
