@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from dataset import DataError, load_split_tensor, resolve_data_root
 from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior, sample_codes
-from utils import (Ranks, RunState, benchmark, join_processes, load_checkpoint, load_weights, make_adam,
-                   make_scheduler, opt, parse_configs, pick_device, print_on_main, resume_run,
+from utils import (Ranks, RunState, benchmark, load_checkpoint, load_weights, make_adam,
+                   make_scheduler, opt, parse_configs, pick_device, print_on_main, process_group, resume_run,
                    rng_state, run_epochs, run_script, save_checkpoint, set_seed, synchronize,
                    use_fast_math, wrap_for_ranks)
 
@@ -130,11 +130,8 @@ def make_train_step(model, forward, optimizer, scheduler):
 def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True, stop=None):
     """Train the prior and return its history; raises as train.train does.
     Started by torchrun, every process trains on its share of each batch."""
-    ranks, device = join_processes(cfg.device)
-    try:
+    with process_group(cfg.device) as (ranks, device):
         return train_prior_on(cfg, model_cfg, ranks, device, progress and ranks.main, stop)
-    finally:
-        ranks.close()
 
 
 def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from dataset import cases_in_several_splits, load_split_tensor, resolve_data_root
 from modules import VQVAE, VQVAEConfig
-from utils import (Ranks, RunState, benchmark, epoch_order, image_grid, join_processes, make_adam,
-                   make_scheduler, opt, parse_configs, pick_device, print_on_main, resume_run,
+from utils import (Ranks, RunState, benchmark, epoch_order, image_grid, make_adam,
+                   make_scheduler, opt, parse_configs, pick_device, print_on_main, process_group, resume_run,
                    rng_state, run_epochs, run_script, save_checkpoint, save_gray_png, set_seed,
                    ssim_per_image, use_fast_math, wrap_for_ranks)
 
@@ -198,11 +198,8 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     when stopped by SIGINT/SIGTERM (or by `stop`, an object whose .signal turns non-None).
     Started by torchrun, every process trains on its share of each batch.
     """
-    ranks, device = join_processes(cfg.device)
-    try:
+    with process_group(cfg.device) as (ranks, device):
         return train_on(cfg, model_cfg, ranks, device, progress and ranks.main, stop)
-    finally:
-        ranks.close()
 
 
 def train_on(cfg, model_cfg, ranks, device, progress, stop):

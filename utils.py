@@ -1,5 +1,6 @@
 """Pieces every script shares: config flags, seeding, device, checkpoints, metrics, image grids."""
 import argparse
+import contextlib
 import dataclasses
 import os
 import random
@@ -177,6 +178,16 @@ def join_processes(device_name):
     if started:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Ranks(rank, world, started), device
+
+
+@contextlib.contextmanager
+def process_group(device_name):
+    """join_processes for the length of a run; leaves the group it joined afterwards."""
+    ranks, device = join_processes(device_name)
+    try:
+        yield ranks, device
+    finally:
+        ranks.close()
 
 
 def wrap_for_ranks(model, ranks, device):
