@@ -112,7 +112,7 @@ def train_or_reuse(name, cfg, model_cfg, progress=True):
 
 
 def train_seconds(history):
-    """Training time over all sessions of a run; `seconds` restarts from 0 after a resume."""
+    """Training time over every stretch of a run; `seconds` restarts from 0 after a resume."""
     total, previous = 0.0, 0.0
     for record in history:
         total += record["seconds"] - previous if record["seconds"] >= previous else record["seconds"]
