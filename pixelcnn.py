@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import DataError, load_split_tensor, resolve_data_root
-from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior, sample_codes
+from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior, rows_seen_above, sample_codes
 from utils import (Ranks, RunState, benchmark, load_checkpoint, load_weights, make_adam,
                    make_scheduler, opt, parse_configs, pick_device, print_on_main, process_group, resume_run,
                    rng_state, run_epochs, run_script, save_checkpoint, set_seed, synchronize,
@@ -39,6 +39,8 @@ class PriorTrainConfig:
     lr: float = opt(1e-3, "Adam learning rate")
     milestones: list = opt((0.6, 0.85), "MultiStepLR milestones as fractions of all steps")
     lr_gamma: float = opt(0.3, "learning-rate factor at each milestone")
+    dtype: str = opt("float32", "autocast dtype of the forward pass during training",
+                     choices=["float32", "bfloat16"])
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where pixelcnn_last.pt and pixelcnn_best.pt go")
@@ -115,10 +117,24 @@ def nll_bits(model, codes, slice_idx, batch_size=64, ranks=None):
     return float(total[0] / total[1]) / LN2
 
 
-def make_train_step(model, forward, optimizer, scheduler):
+def receptive_field_note(cfg: PixelCNNConfig):
+    seen, needed = rows_seen_above(cfg), cfg.grid_size - 1
+    if seen >= needed:
+        return f"receptive field: {seen} rows above each code, covering the {cfg.grid_size}-row grid"
+    per_layer = cfg.kernel // 2 if cfg.kind == "gated" else 1
+    layers = cfg.n_layers + math.ceil((needed - seen) / per_layer)
+    return (f"warning: each code sees only {seen} rows above it, so the bottom of the {cfg.grid_size}-row "
+            f"grid is predicted without its top; --n-layers {layers} would cover it")
+
+
+def make_train_step(model, forward, optimizer, scheduler, dtype="float32", device_type="cpu"):
+    bf16 = dtype == "bfloat16"
+
     def train_step(codes, cond):
         model.train()
-        loss = F.cross_entropy(forward(codes, cond), codes)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(codes, cond)
+        loss = F.cross_entropy(logits.float(), codes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -157,6 +173,7 @@ def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
     model = build_prior(model_cfg).to(device)
     say(f"{model_cfg.kind} PixelCNN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"conditioned on {'slice position' if model_cfg.n_conditions else 'nothing'}")
+    say(receptive_field_note(model_cfg))
     optimizer = make_adam(model.parameters(), cfg.lr, device)
     steps_per_epoch = max(1, len(train_codes) // (cfg.batch_size * ranks.world))
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, cfg.epochs * steps_per_epoch)
@@ -175,7 +192,8 @@ def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "run": dataclasses.asdict(state), "rng": rng_state()}
 
-    step = make_train_step(model, wrap_for_ranks(model, ranks, device), optimizer, scheduler)
+    step = make_train_step(model, wrap_for_ranks(model, ranks, device), optimizer, scheduler,
+                           cfg.dtype, device.type)
 
     def train_step(batch_ids):
         return step(train_codes[batch_ids], train_cond[batch_ids] if train_cond is not None else None)
@@ -214,7 +232,7 @@ def benchmark_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig):
     model = build_prior(model_cfg).to(device)
     optimizer = make_adam(model.parameters(), cfg.lr, device)
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, 10 ** 6)
-    step = make_train_step(model, model, optimizer, scheduler)
+    step = make_train_step(model, model, optimizer, scheduler, cfg.dtype, device.type)
     side, b = model_cfg.grid_size, cfg.batch_size
 
     def next_batch():
@@ -224,7 +242,7 @@ def benchmark_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig):
 
     result = benchmark(lambda batch: step(*batch), next_batch, batch_size=b,
                        warmup=cfg.benchmark_warmup, steps=cfg.benchmark_steps, device=device)
-    result = {"script": "pixelcnn.py", "kind": model_cfg.kind, "grid_size": side,
+    result = {"script": "pixelcnn.py", "kind": model_cfg.kind, "dtype": cfg.dtype, "grid_size": side,
               "num_codes": model_cfg.num_codes, "hidden": model_cfg.hidden, "n_layers": model_cfg.n_layers,
               **result}
     if cfg.benchmark_samples:

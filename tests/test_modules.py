@@ -2,8 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pixelcnn
 from modules import (VQVAE, GatedPixelCNN, MaskedConv2d, PixelCNNConfig, VectorQuantizer,
-                     VQVAEConfig, build_prior, sample_codes)
+                     VQVAEConfig, build_prior, rows_seen_above, sample_codes)
+from train import PRESETS
 from utils import ssim_per_image
 
 TINY_VQ = dict(hidden=16, res_hidden=8, num_codes=32, code_dim=8)
@@ -165,6 +167,30 @@ def test_plain_pixelcnn_is_causal_but_has_a_blind_spot():
     assert grad[4, 7] == 0  # up and to the right: the blind spot of stacked masked convolutions
 
 
+@pytest.mark.parametrize("kind,n_layers,kernel", [("gated", 2, 5), ("gated", 3, 3), ("gated", 1, 7),
+                                                    ("plain", 2, 5), ("plain", 5, 5)])
+def test_rows_seen_above_matches_what_the_gradient_reaches(kind, n_layers, kernel):
+    torch.manual_seed(0)
+    cfg = PixelCNNConfig(num_codes=10, kind=kind, hidden=8, n_layers=n_layers, kernel=kernel,
+                         n_conditions=0, grid_size=12)
+    model = build_prior(cfg).double()
+    row, col, seen = 11, 5, rows_seen_above(cfg)
+    grad = prior_input_gradients(model, torch.randint(0, 10, (1, 12, 12)), row, col)
+    assert grad[row - seen].sum() > 0
+    assert grad[:row - seen].sum() == 0
+
+
+def test_the_default_prior_sees_the_whole_grid_of_the_default_vqvae():
+    grid = PRESETS["quick"]["image_size"] // 2 ** VQVAEConfig().n_downsample
+    assert rows_seen_above(PixelCNNConfig(grid_size=grid)) >= grid - 1
+
+
+def test_a_prior_too_shallow_for_its_grid_is_reported_with_the_layers_that_would_fit():
+    note = pixelcnn.receptive_field_note(PixelCNNConfig(grid_size=64, n_layers=20, kernel=7))
+    assert note.startswith("warning") and "--n-layers 21" in note   # 1 + 21 * 3 = 64 >= 63
+    assert not pixelcnn.receptive_field_note(PixelCNNConfig(grid_size=32)).startswith("warning")
+
+
 def test_conditioning_changes_the_output_distribution():
     torch.manual_seed(0)
     for kind in ("gated", "plain"):
@@ -220,3 +246,36 @@ def test_tiny_vqvae_overfits_a_handful_of_images():
         optimizer.step()
     model.eval()
     assert ssim_per_image(images, model.reconstruct(images)).mean() > 0.9
+
+
+@pytest.mark.parametrize("kind", ["gated", "plain"])
+def test_a_new_conditioned_prior_starts_unconditioned_and_learns_the_condition(kind):
+    """The slice embedding starts at zero (a random start saturated the gates and slowed
+    learning); its gradient must still reach it, or conditioning would never be learnt."""
+    torch.manual_seed(0)
+    model = build_prior(PixelCNNConfig(num_codes=10, kind=kind, hidden=8, n_layers=2, n_conditions=4))
+    indices = torch.randint(0, 10, (2, 6, 6))
+    assert torch.equal(model(indices, torch.tensor([0, 0])), model(indices, torch.tensor([3, 3])))
+    F.cross_entropy(model(indices, torch.tensor([1, 2])), indices).backward()
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == 4]
+    assert embeddings
+    for embedding in embeddings:
+        touched = embedding.weight.grad.abs().sum(1)
+        assert (touched[[1, 2]] > 0).all() and (touched[[0, 3]] == 0).all()
+
+
+def test_a_bfloat16_prior_step_runs_the_network_in_bfloat16_and_keeps_float32_weights():
+    torch.manual_seed(0)
+    model = build_prior(PixelCNNConfig(num_codes=10, hidden=8, n_layers=2, n_conditions=4))
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    step = pixelcnn.make_train_step(model, model, optimizer, scheduler, "bfloat16", "cpu")
+    codes = torch.randint(0, 10, (4, 6, 6))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = step(codes, torch.tensor([0, 1, 2, 3]))
+    assert seen == [torch.bfloat16]
+    assert torch.isfinite(loss).all() and loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
