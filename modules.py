@@ -278,12 +278,17 @@ class PixelCNNConfig:
     dropout: float = opt(0.0, "dropout inside the layers")
 
 
+def rows_per_layer(cfg: PixelCNNConfig):
+    """How many rows each layer adds to what a code sees above it."""
+    return cfg.kernel // 2 if cfg.kind == "gated" else 1
+
+
 def rows_seen_above(cfg: PixelCNNConfig):
     """How many rows above a code its prediction can depend on. Below grid_size - 1 the
     bottom rows are predicted without seeing the top of the slice."""
-    if cfg.kind == "gated":
-        return 1 + cfg.n_layers * (cfg.kernel // 2)   # the vertical stack, shifted down one row
-    return 3 + cfg.n_layers                            # the 7x7 type-A layer, then a 3x3 per block
+    # gated: the vertical stack reaches the horizontal one shifted down a row; plain: the 7x7 type-A layer
+    start = 1 if cfg.kind == "gated" else 3
+    return start + cfg.n_layers * rows_per_layer(cfg)
 
 
 class CodeEmbedding(nn.Module):

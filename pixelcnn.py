@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from dataset import DataError, load_split_tensor, resolve_data_root
-from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior, rows_seen_above, sample_codes
+from modules import (VQVAE, PixelCNNConfig, VQVAEConfig, build_prior, rows_per_layer, rows_seen_above,
+                     sample_codes)
 from utils import (Ranks, RunState, benchmark, load_checkpoint, load_weights, make_adam,
                    make_scheduler, opt, parse_configs, pick_device, print_on_main, process_group, resume_run,
                    rng_state, run_epochs, run_script, save_checkpoint, set_seed, synchronize,
@@ -121,13 +122,12 @@ def receptive_field_note(cfg: PixelCNNConfig):
     seen, needed = rows_seen_above(cfg), cfg.grid_size - 1
     if seen >= needed:
         return f"receptive field: {seen} rows above each code, covering the {cfg.grid_size}-row grid"
-    per_layer = cfg.kernel // 2 if cfg.kind == "gated" else 1
-    layers = cfg.n_layers + math.ceil((needed - seen) / per_layer)
+    layers = cfg.n_layers + math.ceil((needed - seen) / rows_per_layer(cfg))
     return (f"warning: each code sees only {seen} rows above it, so the bottom of the {cfg.grid_size}-row "
             f"grid is predicted without its top; --n-layers {layers} would cover it")
 
 
-def make_train_step(model, forward, optimizer, scheduler, dtype="float32", device_type="cpu"):
+def make_train_step(model, forward, optimizer, scheduler, dtype, device_type):
     bf16 = dtype == "bfloat16"
 
     def train_step(codes, cond):
