@@ -174,7 +174,7 @@ def make_train_step(model, forward, optimizer, scheduler, cfg: TrainConfig, devi
 
 def setup_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_train):
     """Model, optimizer, scheduler and the step function, the same for training and --benchmark."""
-    use_fast_math(device)
+    use_fast_math(device, cfg.dtype)
     model = build_model(cfg, model_cfg, device)
     forward = wrap_for_ranks(model, ranks, device)
     if cfg.compile:

@@ -6,6 +6,7 @@ import pytest
 
 import pixelcnn
 import train
+import utils
 from test_pipeline import TINY_PRIOR, TINY_VQVAE
 
 KEYS = {"images_per_s", "ms_per_step", "peak_memory_mb", "flops_per_image", "achieved_tflops"}
@@ -43,3 +44,15 @@ def test_prior_benchmark_times_training_and_sampling_without_a_vqvae(tmp_path, c
     assert KEYS <= result.keys() and result["flops_per_image"] > 0
     assert result["samples"] == 3 and result["sampling_seconds"] > 0
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("has_kernels", [True, False])
+def test_bfloat16_on_a_cpu_without_its_kernels_is_warned_about(tmp_path, capsys, monkeypatch, has_kernels):
+    monkeypatch.setattr(utils, "cpu_has_bfloat16_kernels", lambda: has_kernels)
+    args = ["--benchmark", *TINY_PRIOR, "--grid-size", "6", "--num-codes", "16", "--device", "cpu",
+            "--benchmark-steps", "1", "--benchmark-warmup", "0", "--benchmark-samples", "0"]
+    monkeypatch.chdir(tmp_path)
+    for dtype in ["float32", "bfloat16"]:
+        pixelcnn.main(args + ["--dtype", dtype])
+        warned = "no bf16 convolution kernels" in capsys.readouterr().err
+        assert warned == (dtype == "bfloat16" and not has_kernels)
