@@ -42,6 +42,8 @@ class PriorTrainConfig:
     lr_gamma: float = opt(0.3, "learning-rate factor at each milestone")
     dtype: str = opt("float32", "autocast dtype of the forward pass during training",
                      choices=["float32", "bfloat16"])
+    vflip: bool = opt(False, "augment with the codes of training slices flipped top-bottom (left-right "
+                             "hemispheres); each step takes the flipped codes for a random half of its batch")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where pixelcnn_last.pt and pixelcnn_best.pt go")
@@ -81,9 +83,13 @@ def encode_to_indices(vqvae, images_u8, batch_size=64):
                       for i in range(0, len(images_u8), batch_size)])
 
 
-def encode_split(vqvae, root, split, image_size, device, progress=True):
+def encode_split(vqvae, root, split, image_size, device, progress=True, flipped=False):
+    """Code indices and slice positions of a split; with flipped, also the codes of every slice
+    flipped top-bottom (None without)."""
     images_u8, slices = load_split_tensor(root, split, image_size, device, progress=progress)
-    return encode_to_indices(vqvae, images_u8), torch.as_tensor(slices.slice_idx, device=device)
+    # Codes are not flip-equivariant: the flipped slice is encoded, not the flipped code grid.
+    flipped_codes = encode_to_indices(vqvae, images_u8.flip(2)) if flipped else None
+    return encode_to_indices(vqvae, images_u8), torch.as_tensor(slices.slice_idx, device=device), flipped_codes
 
 
 def frequency_entropy_bits(codes, num_codes):
@@ -152,15 +158,16 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
 
 def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
     set_seed(cfg.seed)
-    use_fast_math(device)
+    use_fast_math(device, cfg.dtype)
     say = print_on_main(ranks)
     vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
     image_size = vq_ckpt["train_config"]["image_size"]
     model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
                                     grid_size=image_size // 2 ** vqvae.cfg.n_downsample)
     root = resolve_data_root(cfg.data)
-    train_codes, train_slices = encode_split(vqvae, root, "train", image_size, device, progress)
-    val_codes, val_slices = encode_split(vqvae, root, "validate", image_size, device, progress)
+    train_codes, train_slices, flipped_codes = encode_split(vqvae, root, "train", image_size, device, progress,
+                                                            flipped=cfg.vflip)
+    val_codes, val_slices, _ = encode_split(vqvae, root, "validate", image_size, device, progress)
     train_cond, val_cond = conditions_for(train_slices, model_cfg), conditions_for(val_slices, model_cfg)
     del vqvae
     grid = tuple(train_codes.shape[1:])
@@ -196,7 +203,11 @@ def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
                            cfg.dtype, device.type)
 
     def train_step(batch_ids):
-        return step(train_codes[batch_ids], train_cond[batch_ids] if train_cond is not None else None)
+        codes = train_codes[batch_ids]
+        if flipped_codes is not None:  # the draw comes from the saved torch RNG, so resume stays exact
+            flip = torch.rand(len(batch_ids), device=device) < 0.5
+            codes = torch.where(flip[:, None, None], flipped_codes[batch_ids], codes)
+        return step(codes, train_cond[batch_ids] if train_cond is not None else None)
 
     started = time.time()
 
@@ -228,7 +239,7 @@ def benchmark_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig):
     """Time training steps and the sampling of cfg.benchmark_samples grids; writes nothing."""
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
-    use_fast_math(device)
+    use_fast_math(device, cfg.dtype)
     model = build_prior(model_cfg).to(device)
     optimizer = make_adam(model.parameters(), cfg.lr, device)
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, 10 ** 6)

@@ -12,6 +12,7 @@ import torch
 import pixelcnn
 import predict
 import train
+from dataset import load_split_tensor
 from modules import PixelCNNConfig, VQVAEConfig, build_prior
 from utils import CheckpointError, NonFiniteLoss, load_checkpoint, parse_configs, save_checkpoint
 
@@ -81,20 +82,48 @@ def prior_configs(tmp_path, data, vqvae, *extra):
                           "--checkpoint-dir", str(tmp_path / "prior"), *TINY_PRIOR, *extra])
 
 
-def test_prior_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_demo):
+@pytest.mark.parametrize("augment", [[], ["--vflip"]], ids=["plain", "vflip"])
+def test_prior_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_demo, augment):
     vqvae = train_tiny_vqvae(tmp_path, tiny_demo)
-    cfg, model_cfg = prior_configs(tmp_path / "straight", tiny_demo, vqvae, "--epochs", "2")
+    cfg, model_cfg = prior_configs(tmp_path / "straight", tiny_demo, vqvae, "--epochs", "2", *augment)
     pixelcnn.train_prior(cfg, model_cfg, progress=False)
     straight = torch.load(tmp_path / "straight" / "prior" / "pixelcnn_last.pt", weights_only=True)
 
-    cfg, model_cfg = prior_configs(tmp_path / "split", tiny_demo, vqvae, "--epochs", "2")
+    cfg, model_cfg = prior_configs(tmp_path / "split", tiny_demo, vqvae, "--epochs", "2", *augment)
     with pytest.raises(KeyboardInterrupt):
         pixelcnn.train_prior(cfg, model_cfg, progress=False, stop=StopAfter(3))
-    cfg, model_cfg = prior_configs(tmp_path / "split", tiny_demo, vqvae, "--epochs", "2", "--resume")
+    cfg, model_cfg = prior_configs(tmp_path / "split", tiny_demo, vqvae, "--epochs", "2", "--resume", *augment)
     pixelcnn.train_prior(cfg, model_cfg, progress=False)
     resumed = torch.load(tmp_path / "split" / "prior" / "pixelcnn_last.pt", weights_only=True)
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_vflip_trains_the_prior_on_codes_of_flipped_slices_for_part_of_each_batch(tmp_path, tiny_demo,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the split cache goes here
+    vqvae_path, cpu = train_tiny_vqvae(tmp_path, tiny_demo), torch.device("cpu")
+    vqvae, _ = pixelcnn.load_vqvae(vqvae_path, cpu)
+    images = load_split_tensor(tiny_demo, "train", 32, cpu, progress=False)[0]
+    codes, _, flipped = pixelcnn.encode_split(vqvae, tiny_demo, "train", 32, cpu, progress=False, flipped=True)
+    assert torch.equal(flipped, pixelcnn.encode_to_indices(vqvae, images.flip(2)))
+    assert not torch.equal(flipped, codes)
+
+    batches, make_step = [], pixelcnn.make_train_step
+
+    def recording_step(*args):
+        step = make_step(*args)
+        return lambda batch, cond: (batches.append(batch.clone()), step(batch, cond))[1]
+    monkeypatch.setattr(pixelcnn, "make_train_step", recording_step)
+    cfg, model_cfg = prior_configs(tmp_path, tiny_demo, vqvae_path, "--epochs", "3", "--vflip")
+    pixelcnn.train_prior(cfg, model_cfg, progress=False)
+
+    def source(grid):
+        return ("plain" if (codes == grid).all(dim=(1, 2)).any() else "") + \
+               ("flipped" if (flipped == grid).all(dim=(1, 2)).any() else "")
+    seen = [source(grid) for batch in batches for grid in batch]
+    assert "" not in seen  # every grid is one slice's codes, as it is or flipped
+    assert "plain" in seen and "flipped" in seen
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
