@@ -43,7 +43,8 @@ class PriorTrainConfig:
     dtype: str = opt("float32", "autocast dtype of the forward pass during training",
                      choices=["float32", "bfloat16"])
     vflip: bool = opt(False, "augment with the codes of training slices flipped top-bottom (left-right "
-                             "hemispheres); each step takes the flipped codes for a random half of its batch")
+                             "hemispheres) for a random half of each batch; on real OASIS it lowered "
+                             "validation NLL but made samples easier to tell from real ones (README)")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where pixelcnn_last.pt and pixelcnn_best.pt go")
