@@ -571,18 +571,28 @@ def _ragged_halo(rng: np.random.Generator, near_head: np.ndarray) -> np.ndarray:
     return inside & any_in_row[..., None]
 
 
-def _synthesize_subject(model: _HeadModel, seed: int, subject: int, n_slices: int) -> np.ndarray:
-    """uint8 (n_slices, 256, 256) slices of one synthetic subject, a function of (seed, subject)."""
+def _synthesize_subject(model: _HeadModel, seed: int, subject: int, n_slices: int,
+                        noise_free: bool = False) -> np.ndarray:
+    """uint8 (n_slices, 256, 256) slices of one synthetic subject, a function of (seed, subject).
+
+    noise_free=True gives the same slices before their noise is drawn (no Rician noise in
+    the head, the halo at its mean level), scaled like the noisy ones: what a perfect
+    denoiser would return."""
     rng = np.random.default_rng([seed, subject])
     axes = _canvas_axes_mm(rng, n_slices)
     t1, outside = _sample(model, _subject_to_template_mm(rng, axes))
     image, head, head_edge = _head_intensity(rng, t1, outside, axes)
     bias = np.exp(_random_plane_waves(rng, axes, 3, (150.0, 400.0), rms=0.08))
     gamma = np.float32(rng.uniform(0.85, 1.15))
-    image = _add_rician_noise(rng, (image * bias) ** gamma, head)
+    signal = (image * bias) ** gamma
+    image = _add_rician_noise(rng, signal, head)
     halo = _ragged_halo(rng, outside < head_edge + rng.uniform(2.0, 6.0)) & ~head
-    image = np.where(halo, _noise_floor(rng, image.shape), image)
-    return _to_canvas_uint8(image, head)
+    floor, floor_level = _noise_floor(rng, image.shape)
+    image = np.where(halo, floor, image)
+    scales = _slice_scales(image, head)
+    if noise_free:
+        image = np.where(halo, floor_level, np.where(head, signal, 0))
+    return _to_canvas_uint8(image, scales)
 
 
 def _add_rician_noise(rng: np.random.Generator, image: np.ndarray, head: np.ndarray) -> np.ndarray:
@@ -594,21 +604,27 @@ def _add_rician_noise(rng: np.random.Generator, image: np.ndarray, head: np.ndar
     return np.where(head, np.hypot(real_part, imaginary_part), 0)
 
 
-def _noise_floor(rng: np.random.Generator, shape) -> np.ndarray:
+def _noise_floor(rng: np.random.Generator, shape) -> tuple[np.ndarray, np.float32]:
+    """The halo's noise and the level it scatters around."""
     # Real halo pixels cluster at 5-20 of 255 and rarely pass 25 (the foreground
     # threshold): narrower than Rayleigh noise, so a Gaussian around a small level.
     level = np.float32(rng.uniform(0.03, 0.045))
     noise = level * (1 + 0.35 * rng.standard_normal(shape, dtype=np.float32))
-    return np.clip(noise, np.float32(0.004), None)
+    return np.clip(noise, np.float32(0.004), None), level
 
 
-def _to_canvas_uint8(image: np.ndarray, head: np.ndarray) -> np.ndarray:
+def _slice_scales(image: np.ndarray, head: np.ndarray) -> list:
     # Min-max per slice like OASIS, but with the top 0.05 % of head pixels saturated so a
     # single noise spike cannot dim the whole slice.
+    tops = [np.percentile(plane[head_plane], 99.95) if head_plane.any() else 1.0
+            for plane, head_plane in zip(image, head)]
+    return [255.0 / max(top, 1e-6) for top in tops]
+
+
+def _to_canvas_uint8(image: np.ndarray, scales: list) -> np.ndarray:
     slices = np.zeros((len(image), NATIVE_SIZE, NATIVE_SIZE), dtype=np.uint8)
-    for k, (plane, head_plane) in enumerate(zip(image, head)):
-        top = np.percentile(plane[head_plane], 99.95) if head_plane.any() else 1.0
-        scaled = np.clip(np.rint(plane * (255.0 / max(top, 1e-6))), 0, 255).astype(np.uint8)
+    for k, (plane, scale) in enumerate(zip(image, scales)):
+        scaled = np.clip(np.rint(plane * scale), 0, 255).astype(np.uint8)
         slices[k, _FOV_ROWS[0] : _FOV_ROWS[1], _FOV_COLS[0] : _FOV_COLS[1]] = scaled
     return slices
 
@@ -705,6 +721,35 @@ def make_demo(
     return out_dir
 
 
+def _recorded_demo_config(root) -> dict | None:
+    """The configuration a finished demo build in root was made with, or None."""
+    try:
+        config = json.loads((Path(root) / _DEMO_MARKER).read_text())
+        complete = demo_is_complete(root, seed=config["seed"], n_train=config["cases"]["train"],
+                                    n_validate=config["cases"]["validate"], n_test=config["cases"]["test"],
+                                    n_slices=config["n_slices"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return config if complete else None
+
+
+def demo_noise_free_split(root, split: str, image_size: int = NATIVE_SIZE) -> np.ndarray | None:
+    """The noise-free twins of a demo build's slices (uint8 (N, H, W), in load order), or
+    None when root holds no finished demo build.
+
+    A VQ-VAE cannot store noise in its codes, so the SSIM of the twins against the slices
+    is about the best its reconstructions can score."""
+    config = _recorded_demo_config(root)
+    if config is None:
+        return None
+    model = _build_head_model()
+    twins = []
+    for case_id in _demo_case_ids(config)[split]:  # case order = load order; slices 0..k-1 within
+        for pixels in _synthesize_subject(model, config["seed"], int(case_id), config["n_slices"], noise_free=True):
+            twins.append(pixels if image_size == NATIVE_SIZE else _resize_gray(pixels, image_size))
+    return np.stack(twins)
+
+
 def resolve_data_root(data: str, demo_dir=DEFAULT_DEMO_DIR, seed: int = 0) -> Path:
     """`--data` value -> folder. "demo" means demo_dir, built there first if not complete
     (or built with another seed); any other value is taken as the OASIS root as is."""
@@ -734,22 +779,52 @@ def slice_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def halo_noise(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-slice s.d. of the fine-scale noise in the faint halo around the head, and its
+    correlation between horizontal neighbours (0 for white noise; resampling raises it).
+
+    Noise is the residual from a 2 px Gaussian smoothing, over flat dim pixels (not black,
+    under the foreground level, at least 4 px inside such a region and away from edges, where
+    the smoothing leaves structure in the residual). Slices with too few give NaN."""
+    from scipy import ndimage
+
+    sds, correlations = [], []
+    for plane in images.astype(np.float32) / 255.0:
+        smooth = ndimage.gaussian_filter(plane, 2.0)
+        residual = plane - smooth
+        dim = ndimage.binary_opening((plane > 0) & (plane < FOREGROUND_THRESHOLD))
+        edges = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1))
+        halo = ndimage.binary_erosion(dim, iterations=4) & (edges < 0.03)
+        pairs = halo[:, :-1] & halo[:, 1:]
+        if pairs.sum() < 100:
+            sds.append(np.nan)
+            correlations.append(np.nan)
+            continue
+        left, right = residual[:, :-1][pairs], residual[:, 1:][pairs]
+        sds.append(left.std())
+        correlations.append(np.corrcoef(left, right)[0, 1])
+    return {"halo_noise_sd": np.array(sds), "halo_noise_corr": np.array(correlations)}
+
+
 def _extent(occupied: np.ndarray) -> int:
     where = np.flatnonzero(occupied)
     return int(where[-1] - where[0] + 1) if where.size else 0
 
 
 def _format_split_stats(split: str, slices: SliceSet) -> str:
-    stats = slice_statistics(slices.images)
+    stats = {**slice_statistics(slices.images), **halo_noise(slices.images)}
     parts = [f"{split:9s} {len(np.unique(slices.case_ids)):4d} cases {len(slices):6d} slices"]
     for label, key, fmt in (
         ("foreground", "foreground", ".3f"),
         ("mean", "mean", ".3f"),
         ("bbox h", "bbox_height", ".0f"),
         ("bbox w", "bbox_width", ".0f"),
+        ("halo noise sd", "halo_noise_sd", ".4f"),
+        ("corr", "halo_noise_corr", ".2f"),
     ):
-        values = stats[key]
-        parts.append(f"{label} {values.mean():{fmt}} [{values.min():{fmt}}, {values.max():{fmt}}]")
+        values = stats[key][np.isfinite(stats[key])]
+        if values.size:
+            parts.append(f"{label} {values.mean():{fmt}} [{values.min():{fmt}}, {values.max():{fmt}}]")
     return " | ".join(parts)
 
 

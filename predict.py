@@ -33,7 +33,8 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 from tqdm import tqdm
 
-from dataset import FOREGROUND_THRESHOLD, DataError, load_split_tensor, resolve_data_root
+from dataset import (FOREGROUND_THRESHOLD, DataError, demo_noise_free_split, load_split_tensor,
+                     resolve_data_root)
 from modules import C2ST_CHANNELS, TwoSampleClassifier, sample_codes
 from pixelcnn import load_prior, load_vqvae
 from train import codebook_usage, progress_indices, reconstruct_all
@@ -77,6 +78,15 @@ def test_metrics(images_u8, recon):
     ssim, psnr = ssim_per_image(x, recon), psnr_per_image(x, recon)
     return {"test_ssim_mean": float(ssim.mean()), "test_ssim_min": float(ssim.min()),
             "test_ssim_std": float(ssim.std()), "test_psnr_mean": float(psnr.mean())}
+
+
+def noise_free_ssim(root, images_u8, image_size):
+    """On the demo set, mean SSIM of the test slices' noise-free twins: the score of a
+    reconstruction that removes exactly the noise (None elsewhere: real slices have no twins)."""
+    twins = demo_noise_free_split(root, "test", image_size)
+    if twins is None or twins.shape != tuple(images_u8.shape[:1] + images_u8.shape[2:]):
+        return None
+    return float(ssim_per_image(images_u8.float().div(255).cpu(), torch.from_numpy(twins).float().div(255)).mean())
 
 
 def save_reconstruction_grid(images_u8, recon, path, count=8):
@@ -577,9 +587,9 @@ def predict(cfg: PredictConfig):
     test_u8, test_set = load_split_tensor(root, "test", image_size, device)
 
     recon = reconstruct_all(vqvae, test_u8)
-    metrics = {**test_metrics(test_u8, recon), "split": "test", "image_size": image_size,
-               "n_images": len(test_u8), "data_root": str(root), "vqvae": cfg.vqvae,
-               "prior": None if cfg.reconstruction_only else cfg.prior}
+    metrics = {**test_metrics(test_u8, recon), "test_ssim_noise_free": noise_free_ssim(root, test_u8, image_size),
+               "split": "test", "image_size": image_size, "n_images": len(test_u8), "data_root": str(root),
+               "vqvae": cfg.vqvae, "prior": None if cfg.reconstruction_only else cfg.prior}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_reconstruction_grid(test_u8, recon, out_dir / "reconstructions.png")
     if cfg.save_reconstructions:
@@ -605,6 +615,9 @@ def predict(cfg: PredictConfig):
     print(f"test SSIM {metrics['test_ssim_mean']:.4f} (min {metrics['test_ssim_min']:.4f}, "
           f"std {metrics['test_ssim_std']:.4f}) | PSNR {metrics['test_psnr_mean']:.2f} dB | "
           f"{len(test_u8)} test slices at {image_size}x{image_size} from {root}")
+    if metrics["test_ssim_noise_free"] is not None:
+        print(f"(the demo slices' noise-free twins score SSIM {metrics['test_ssim_noise_free']:.4f}: "
+              f"no reconstruction that cannot predict the noise gets much above it)")
     if cfg.realism:  # after the rest is written, so an interrupted --realism loses nothing else
         metrics["realism"] = realism(cfg, vqvae, prior, prior_ckpt, root, image_size, test_u8, recon, device)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -450,6 +450,55 @@ def test_demo_subjects_differ_from_each_other(tiny_demo):
     assert np.abs(first.astype(int) - second.astype(int)).mean() > 5
 
 
+def test_noise_free_twins_are_the_demo_slices_without_their_noise(tiny_demo):
+    from skimage.metrics import structural_similarity
+
+    slices = load_split(tiny_demo, "test", cache_dir=None, progress=False).images
+    twins = dataset.demo_noise_free_split(tiny_demo, "test")
+    assert twins.shape == slices.shape and twins.dtype == np.uint8
+    # the same anatomy at the same scale: they differ by a few grey levels of noise
+    difference = slices.astype(np.float32) - twins
+    inside = twins > 0
+    assert 0.5 < np.abs(difference[inside]).mean() < 8
+    assert ((twins == 0) == (slices == 0)).mean() > 0.999
+    # the twins' halo is flat, the slices' is not
+    noisy_sd = np.nanmean(dataset.halo_noise(slices)["halo_noise_sd"])
+    twin_sd = np.nanmean(dataset.halo_noise(twins)["halo_noise_sd"])
+    assert twin_sd < 0.2 * noisy_sd
+    scores = [structural_similarity(a / 255.0, b / 255.0, data_range=1.0) for a, b in zip(slices, twins)]
+    assert 0.8 < np.mean(scores) < 0.999
+
+
+def test_noise_free_twins_follow_the_requested_size(tiny_demo):
+    twins = dataset.demo_noise_free_split(tiny_demo, "train", image_size=64)
+    assert twins.shape == (8, 64, 64)  # 2 subjects x 4 slices
+
+
+def test_real_data_has_no_noise_free_twins(tree):
+    root, _ = tree
+    assert dataset.demo_noise_free_split(root, "test") is None
+
+
+def test_halo_noise_tells_white_noise_from_smoothed_noise():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    canvas = np.zeros((2, 96, 96), dtype=np.float32)
+    white = rng.normal(0, 3.0, size=(96, 96))
+    smoothed = ndimage.gaussian_filter(rng.normal(0, 3.0, size=(96, 96)), 1.0) * 4
+    for k, noise in enumerate((white, smoothed)):
+        canvas[k, 16:80, 16:80] = 9 + noise[16:80, 16:80]  # a dim halo, well under the foreground level
+    stats = dataset.halo_noise(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
+    white_corr, smoothed_corr = stats["halo_noise_corr"]
+    assert abs(white_corr) < 0.15 and smoothed_corr > 0.5
+    assert stats["halo_noise_sd"][0] == pytest.approx(3.0 / 255, rel=0.25)
+
+
+def test_halo_noise_is_nan_without_a_halo():
+    stats = dataset.halo_noise(np.zeros((1, 64, 64), dtype=np.uint8))
+    assert np.isnan(stats["halo_noise_sd"][0]) and np.isnan(stats["halo_noise_corr"][0])
+
+
 def test_make_demo_refuses_a_folder_holding_other_files(tmp_path):
     (tmp_path / "thesis.tex").write_text("precious")
     with pytest.raises(DataError, match="refusing") as error_info:

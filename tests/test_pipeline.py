@@ -72,6 +72,13 @@ def test_metrics_json_has_the_promised_keys(pipeline_run):
     assert metrics["n_images"] == 4 and metrics["data_root"] == str(data)
     assert 1 <= metrics["test_codes_used"] <= 16 and 1 <= metrics["test_perplexity"] <= 16
     assert -1 <= metrics["test_ssim_min"] <= metrics["test_ssim_mean"] <= 1
+    # the demo set knows its slices without noise; a model scores against that bound
+    assert 0.5 < metrics["test_ssim_noise_free"] < 1
+
+
+def test_noise_free_score_is_absent_for_data_without_twins(tmp_path):
+    images = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)
+    assert predict.noise_free_ssim(tmp_path, images, 32) is None
 
 
 def test_save_reconstructions_keeps_the_input_file_names(pipeline_run):
