@@ -779,7 +779,7 @@ def slice_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def halo_noise(images: np.ndarray) -> dict[str, np.ndarray]:
+def halo_noise(images: np.ndarray, progress: bool = False) -> dict[str, np.ndarray]:
     """Per-slice s.d. of the fine-scale noise in the faint halo around the head, and its
     correlation between horizontal neighbours (0 for white noise; resampling raises it).
 
@@ -789,7 +789,8 @@ def halo_noise(images: np.ndarray) -> dict[str, np.ndarray]:
     from scipy import ndimage
 
     sds, correlations = [], []
-    for plane in images.astype(np.float32) / 255.0:
+    for plane in tqdm(images, desc="halo noise", unit="slice", disable=not progress, leave=False):
+        plane = plane.astype(np.float32) / 255.0
         smooth = ndimage.gaussian_filter(plane, 2.0)
         residual = plane - smooth
         dim = ndimage.binary_opening((plane > 0) & (plane < FOREGROUND_THRESHOLD))
@@ -812,7 +813,7 @@ def _extent(occupied: np.ndarray) -> int:
 
 
 def _format_split_stats(split: str, slices: SliceSet) -> str:
-    stats = {**slice_statistics(slices.images), **halo_noise(slices.images)}
+    stats = {**slice_statistics(slices.images), **halo_noise(slices.images, progress=True)}
     parts = [f"{split:9s} {len(np.unique(slices.case_ids)):4d} cases {len(slices):6d} slices"]
     for label, key, fmt in (
         ("foreground", "foreground", ".3f"),
