@@ -360,6 +360,13 @@ _FAR_OUTSIDE_MM = 1000.0
 _SKULL_CLOSING_MM = 15.0
 # Template-intensity stand-in for the CSF and meninges between brain and skull.
 _MENINGES_T1 = 0.5
+# Noise matched to the real slices (`dataset.py --stats`): halo noise s.d. ~0.006 with
+# neighbour correlation ~0.3, and the flat white matter's fine-scale s.d. ~0.015.
+_NOISE_BLUR_PX = 0.6
+_RICIAN_SIGMA = (0.007, 0.013)
+_HALO_SPREAD = 0.17
+# Bumped whenever the generator's output changes, so an older build is rebuilt, not reused.
+_DEMO_VERSION = 2
 
 
 @dataclass
@@ -595,12 +602,23 @@ def _synthesize_subject(model: _HeadModel, seed: int, subject: int, n_slices: in
     return _to_canvas_uint8(image, scales)
 
 
+def _correlated_normal(rng: np.random.Generator, shape) -> np.ndarray:
+    """Unit-variance Gaussian noise correlated between neighbouring pixels in-plane."""
+    # The real slices were resampled to the atlas grid, which averages neighbouring
+    # pixels' noise: their noise correlates ~0.3 with the next pixel's, where white
+    # noise would give 0.
+    from scipy import ndimage
+
+    white = rng.standard_normal(shape, dtype=np.float32)
+    smooth = ndimage.gaussian_filter(white, sigma=(0, _NOISE_BLUR_PX, _NOISE_BLUR_PX))
+    return smooth / smooth.std()
+
+
 def _add_rician_noise(rng: np.random.Generator, image: np.ndarray, head: np.ndarray) -> np.ndarray:
-    # MRI magnitude images carry Rician noise, |signal + complex Gaussian|; the level is
-    # set so flat white matter has a local s.d. of ~5/255 as in the real slices.
-    sigma = np.float32(rng.uniform(0.010, 0.018))
-    real_part = image + sigma * rng.standard_normal(image.shape, dtype=np.float32)
-    imaginary_part = sigma * rng.standard_normal(image.shape, dtype=np.float32)
+    # MRI magnitude images carry Rician noise, |signal + complex Gaussian|.
+    sigma = np.float32(rng.uniform(*_RICIAN_SIGMA))
+    real_part = image + sigma * _correlated_normal(rng, image.shape)
+    imaginary_part = sigma * _correlated_normal(rng, image.shape)
     return np.where(head, np.hypot(real_part, imaginary_part), 0)
 
 
@@ -609,7 +627,7 @@ def _noise_floor(rng: np.random.Generator, shape) -> tuple[np.ndarray, np.float3
     # Real halo pixels cluster at 5-20 of 255 and rarely pass 25 (the foreground
     # threshold): narrower than Rayleigh noise, so a Gaussian around a small level.
     level = np.float32(rng.uniform(0.03, 0.045))
-    noise = level * (1 + 0.35 * rng.standard_normal(shape, dtype=np.float32))
+    noise = level * (1 + _HALO_SPREAD * _correlated_normal(rng, shape))
     return np.clip(noise, np.float32(0.004), None), level
 
 
@@ -631,6 +649,7 @@ def _to_canvas_uint8(image: np.ndarray, scales: list) -> np.ndarray:
 
 def _demo_config(seed: int, n_train: int, n_validate: int, n_test: int, n_slices: int) -> dict:
     return {
+        "version": _DEMO_VERSION,
         "seed": seed,
         "cases": {"train": n_train, "validate": n_validate, "test": n_test},
         "n_slices": n_slices,
@@ -779,32 +798,39 @@ def slice_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def halo_noise(images: np.ndarray, progress: bool = False) -> dict[str, np.ndarray]:
-    """Per-slice s.d. of the fine-scale noise in the faint halo around the head, and its
-    correlation between horizontal neighbours (0 for white noise; resampling raises it).
+def _std_and_neighbour_correlation(residual: np.ndarray, region: np.ndarray) -> tuple[float, float]:
+    pairs = region[:, :-1] & region[:, 1:]
+    if pairs.sum() < 100:
+        return np.nan, np.nan
+    left, right = residual[:, :-1][pairs], residual[:, 1:][pairs]
+    return float(left.std()), float(np.corrcoef(left, right)[0, 1])
 
-    Noise is the residual from a 2 px Gaussian smoothing, over flat dim pixels (not black,
-    under the foreground level, at least 4 px inside such a region and away from edges, where
-    the smoothing leaves structure in the residual). Slices with too few give NaN."""
+
+def fine_scale_noise(images: np.ndarray, progress: bool = False) -> dict[str, np.ndarray]:
+    """Per-slice s.d. of the fine-scale residual (the slice minus a 2 px Gaussian smoothing)
+    and its correlation between horizontal neighbours (0 for white noise; resampling raises
+    it), in two flat regions: the faint halo around the head, where it is pure noise, and the
+    white matter, where it is noise plus the tissue's own texture.
+
+    Both regions keep only flat pixels (eroded, away from edges, where the smoothing leaves
+    structure in the residual): the halo is dim but not black (under the foreground level),
+    the white matter 0.38-0.65 of full scale. Slices with too few pixels give NaN."""
     from scipy import ndimage
 
-    sds, correlations = [], []
-    for plane in tqdm(images, desc="halo noise", unit="slice", disable=not progress, leave=False):
+    stats = {key: [] for key in ("halo_noise_sd", "halo_noise_corr", "white_matter_sd", "white_matter_corr")}
+    for plane in tqdm(images, desc="fine-scale noise", unit="slice", disable=not progress, leave=False):
         plane = plane.astype(np.float32) / 255.0
         smooth = ndimage.gaussian_filter(plane, 2.0)
         residual = plane - smooth
-        dim = ndimage.binary_opening((plane > 0) & (plane < FOREGROUND_THRESHOLD))
         edges = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1))
+        dim = ndimage.binary_opening((plane > 0) & (plane < FOREGROUND_THRESHOLD))
         halo = ndimage.binary_erosion(dim, iterations=4) & (edges < 0.03)
-        pairs = halo[:, :-1] & halo[:, 1:]
-        if pairs.sum() < 100:
-            sds.append(np.nan)
-            correlations.append(np.nan)
-            continue
-        left, right = residual[:, :-1][pairs], residual[:, 1:][pairs]
-        sds.append(left.std())
-        correlations.append(np.corrcoef(left, right)[0, 1])
-    return {"halo_noise_sd": np.array(sds), "halo_noise_corr": np.array(correlations)}
+        white = ndimage.binary_erosion((smooth > 0.38) & (smooth < 0.65), iterations=2) & (edges < 0.06)
+        for name, region in (("halo_noise", halo), ("white_matter", white)):
+            sd, correlation = _std_and_neighbour_correlation(residual, region)
+            stats[f"{name}_sd"].append(sd)
+            stats[f"{name}_corr"].append(correlation)
+    return {key: np.array(values, dtype=np.float64) for key, values in stats.items()}
 
 
 def _extent(occupied: np.ndarray) -> int:
@@ -813,7 +839,7 @@ def _extent(occupied: np.ndarray) -> int:
 
 
 def _format_split_stats(split: str, slices: SliceSet) -> str:
-    stats = {**slice_statistics(slices.images), **halo_noise(slices.images, progress=True)}
+    stats = {**slice_statistics(slices.images), **fine_scale_noise(slices.images, progress=True)}
     parts = [f"{split:9s} {len(np.unique(slices.case_ids)):4d} cases {len(slices):6d} slices"]
     for label, key, fmt in (
         ("foreground", "foreground", ".3f"),
@@ -822,6 +848,8 @@ def _format_split_stats(split: str, slices: SliceSet) -> str:
         ("bbox w", "bbox_width", ".0f"),
         ("halo noise sd", "halo_noise_sd", ".4f"),
         ("corr", "halo_noise_corr", ".2f"),
+        ("white matter sd", "white_matter_sd", ".4f"),
+        ("corr", "white_matter_corr", ".2f"),
     ):
         values = stats[key][np.isfinite(stats[key])]
         if values.size:

@@ -3,6 +3,7 @@
 Every test builds its own small tree in tmp_path in the OASIS layout; none needs the
 real data.
 """
+import json
 import os
 
 import numpy as np
@@ -462,8 +463,8 @@ def test_noise_free_twins_are_the_demo_slices_without_their_noise(tiny_demo):
     assert 0.5 < np.abs(difference[inside]).mean() < 8
     assert ((twins == 0) == (slices == 0)).mean() > 0.999
     # the twins' halo is flat, the slices' is not
-    noisy_sd = np.nanmean(dataset.halo_noise(slices)["halo_noise_sd"])
-    twin_sd = np.nanmean(dataset.halo_noise(twins)["halo_noise_sd"])
+    noisy_sd = np.nanmean(dataset.fine_scale_noise(slices)["halo_noise_sd"])
+    twin_sd = np.nanmean(dataset.fine_scale_noise(twins)["halo_noise_sd"])
     assert twin_sd < 0.2 * noisy_sd
     scores = [structural_similarity(a / 255.0, b / 255.0, data_range=1.0) for a, b in zip(slices, twins)]
     assert 0.8 < np.mean(scores) < 0.999
@@ -479,24 +480,49 @@ def test_real_data_has_no_noise_free_twins(tree):
     assert dataset.demo_noise_free_split(root, "test") is None
 
 
-def test_halo_noise_tells_white_noise_from_smoothed_noise():
+def test_fine_scale_noise_tells_white_noise_from_smoothed_noise():
     from scipy import ndimage
 
     rng = np.random.default_rng(0)
-    canvas = np.zeros((2, 96, 96), dtype=np.float32)
-    white = rng.normal(0, 3.0, size=(96, 96))
-    smoothed = ndimage.gaussian_filter(rng.normal(0, 3.0, size=(96, 96)), 1.0) * 4
+    canvas = np.zeros((2, 96, 160), dtype=np.float32)
+    white = rng.normal(0, 3.0, size=(96, 160))
+    smoothed = ndimage.gaussian_filter(rng.normal(0, 3.0, size=(96, 160)), 1.0) * 4
     for k, noise in enumerate((white, smoothed)):
         canvas[k, 16:80, 16:80] = 9 + noise[16:80, 16:80]  # a dim halo, well under the foreground level
-    stats = dataset.halo_noise(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
-    white_corr, smoothed_corr = stats["halo_noise_corr"]
-    assert abs(white_corr) < 0.15 and smoothed_corr > 0.5
-    assert stats["halo_noise_sd"][0] == pytest.approx(3.0 / 255, rel=0.25)
+        canvas[k, 16:80, 96:150] = 125 + noise[16:80, 96:150]  # flat white matter, ~0.49 of full scale
+    stats = dataset.fine_scale_noise(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
+    for region in ("halo_noise", "white_matter"):
+        white_corr, smoothed_corr = stats[f"{region}_corr"]
+        assert abs(white_corr) < 0.15 and smoothed_corr > 0.5
+        assert stats[f"{region}_sd"][0] == pytest.approx(3.0 / 255, rel=0.25)
 
 
-def test_halo_noise_is_nan_without_a_halo():
-    stats = dataset.halo_noise(np.zeros((1, 64, 64), dtype=np.uint8))
-    assert np.isnan(stats["halo_noise_sd"][0]) and np.isnan(stats["halo_noise_corr"][0])
+def test_demo_noise_matches_the_real_slices(tiny_demo):
+    # The real subset (dataset.py --stats), per split: halo noise s.d. 0.0056-0.0059,
+    # neighbour correlation 0.26-0.32; white matter s.d. 0.015-0.017, correlation 0.58-0.68.
+    images = np.concatenate([load_split(tiny_demo, s, cache_dir=None, progress=False).images for s in SPLITS])
+    stats = dataset.fine_scale_noise(images)
+    assert 0.004 < np.nanmedian(stats["halo_noise_sd"]) < 0.008
+    assert 0.15 < np.nanmedian(stats["halo_noise_corr"]) < 0.45
+    assert 0.010 < np.nanmedian(stats["white_matter_sd"]) < 0.024
+    assert 0.45 < np.nanmedian(stats["white_matter_corr"]) < 0.8
+
+
+def test_a_demo_build_from_an_older_generator_is_rebuilt(tmp_path):
+    out = make_demo(tmp_path / "demo", n_train=1, n_validate=1, n_test=1, n_slices=1, progress=False)
+    config = dict(n_train=1, n_validate=1, n_test=1, n_slices=1)
+    assert dataset.demo_is_complete(out, **config)
+    marker = out / "demo_complete.json"
+    recorded = json.loads(marker.read_text())
+    recorded["version"] -= 1
+    marker.write_text(json.dumps(recorded))
+    assert not dataset.demo_is_complete(out, **config)
+    assert dataset.demo_noise_free_split(out, "test") is None  # twins of another generator would not match
+
+
+def test_fine_scale_noise_is_nan_without_the_region():
+    stats = dataset.fine_scale_noise(np.zeros((1, 64, 64), dtype=np.uint8))
+    assert all(np.isnan(values[0]) for values in stats.values()) and len(stats) == 4
 
 
 def test_make_demo_refuses_a_folder_holding_other_files(tmp_path):
