@@ -604,9 +604,8 @@ def _synthesize_subject(model: _HeadModel, seed: int, subject: int, n_slices: in
 
 def _correlated_normal(rng: np.random.Generator, shape) -> np.ndarray:
     """Unit-variance Gaussian noise correlated between neighbouring pixels in-plane."""
-    # The real slices were resampled to the atlas grid, which averages neighbouring
-    # pixels' noise: their noise correlates ~0.3 with the next pixel's, where white
-    # noise would give 0.
+    # The real slices' noise correlates ~0.3 with the next pixel's, where white noise
+    # would give 0: most likely their resampling to the atlas grid averaged neighbours.
     from scipy import ndimage
 
     white = rng.standard_normal(shape, dtype=np.float32)
