@@ -365,8 +365,13 @@ _MENINGES_T1 = 0.5
 _NOISE_BLUR_PX = 0.6
 _RICIAN_SIGMA = (0.007, 0.013)
 _HALO_SPREAD = 0.17
+# Scalp and halo widths matched to the real slices (mean intensity against depth from the
+# head's edge; the outline's perimeter against its area).
+_SCALP_MM = (5.5, 9.0)
+_HALO_REACH_MM = (5.0, 11.0)
+_HALO_PUSH_PX = 5
 # Bumped whenever the generator's output changes, so an older build is rebuilt, not reused.
-_DEMO_VERSION = 2
+_DEMO_VERSION = 3
 
 
 @dataclass
@@ -536,7 +541,7 @@ def _head_intensity(rng: np.random.Generator, t1: np.ndarray, outside: np.ndarra
     csf_mm = rng.uniform(0.5, 1.5)
     skull_mm = rng.uniform(2.0, 4.0)
     # Scalp thickness varies around the head in the real slices.
-    scalp_mm = rng.uniform(3.5, 6.0) + _random_plane_waves(rng, axes, 2, (120.0, 250.0), rms=1.0)
+    scalp_mm = rng.uniform(*_SCALP_MM) + _random_plane_waves(rng, axes, 2, (120.0, 250.0), rms=1.0)
     # Fat under the scalp is patchy: its brightness varies around the head.
     scalp_peak = np.clip(0.8 + _random_plane_waves(rng, axes, 3, (60.0, 160.0), rms=0.12), 0.5, 1.0)
     brain = _sharpen_in_plane(rng, _brain_intensity(rng, t1))
@@ -572,7 +577,7 @@ def _ragged_halo(rng: np.random.Generator, near_head: np.ndarray) -> np.ndarray:
     last = width - 1 - near_head[:, :, ::-1].argmax(axis=2)
     band_rows = 4
     n_bands = -(-height // band_rows)
-    push = rng.integers(0, 16, size=(2, n_slices, n_bands)).repeat(band_rows, axis=2)[:, :, :height]
+    push = rng.integers(0, _HALO_PUSH_PX, size=(2, n_slices, n_bands)).repeat(band_rows, axis=2)[:, :, :height]
     columns = np.arange(width)[None, None, :]
     inside = (columns >= (first - push[0])[..., None]) & (columns <= (last + push[1])[..., None])
     return inside & any_in_row[..., None]
@@ -593,7 +598,7 @@ def _synthesize_subject(model: _HeadModel, seed: int, subject: int, n_slices: in
     gamma = np.float32(rng.uniform(0.85, 1.15))
     signal = (image * bias) ** gamma
     image = _add_rician_noise(rng, signal, head)
-    halo = _ragged_halo(rng, outside < head_edge + rng.uniform(2.0, 6.0)) & ~head
+    halo = _ragged_halo(rng, outside < head_edge + rng.uniform(*_HALO_REACH_MM)) & ~head
     floor, floor_level = _noise_floor(rng, image.shape)
     image = np.where(halo, floor, image)
     scales = _slice_scales(image, head)
@@ -832,13 +837,64 @@ def fine_scale_noise(images: np.ndarray, progress: bool = False) -> dict[str, np
     return {key: np.array(values, dtype=np.float64) for key, values in stats.items()}
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def head_rim_profile(images: np.ndarray, max_depth: int = 24) -> np.ndarray:
+    """Mean intensity (0..1) against depth in pixels from the head's outer edge, pooled over
+    slices; entry d is depth d (entry 0 is NaN). In these T1 slices it rises to the bright
+    scalp a few pixels in, falls to the dark skull, then rises again into the brain."""
+    from scipy import ndimage
+
+    sums, counts = np.zeros(max_depth), np.zeros(max_depth)
+    for plane in images:
+        plane = plane.astype(np.float32) / 255.0
+        head = _largest_component(ndimage.binary_fill_holes(
+            ndimage.binary_opening(plane > FOREGROUND_THRESHOLD, iterations=2)))
+        depth = np.minimum(ndimage.distance_transform_edt(head).astype(int), max_depth - 1)
+        inside = head & (depth > 0)
+        sums += np.bincount(depth[inside], weights=plane[inside], minlength=max_depth)
+        counts += np.bincount(depth[inside], minlength=max_depth)
+    with np.errstate(invalid="ignore"):
+        return sums / counts
+
+
+def scalp_and_skull_depth(profile: np.ndarray) -> tuple[int, int] | None:
+    """Depths (px) of the rim profile's scalp maximum and of the skull minimum inside it;
+    None where no slice had a head."""
+    if not np.isfinite(profile[1:12]).any():
+        return None
+    scalp = int(np.nanargmax(profile[1:12])) + 1
+    return scalp, int(np.nanargmin(profile[scalp:scalp + 14])) + scalp
+
+
+def outline_roughness(images: np.ndarray) -> np.ndarray:
+    """Per slice, the perimeter of the non-black region over the square root of its area:
+    about 3.2 for a smooth disc, more the more ragged its edge."""
+    from scipy import ndimage
+
+    values = []
+    for plane in images:
+        shown = ndimage.binary_fill_holes(plane > 0)
+        area = shown.sum()
+        values.append((shown ^ ndimage.binary_erosion(shown)).sum() / np.sqrt(area) if area else np.nan)
+    return np.array(values, dtype=np.float64)
+
+
 def _extent(occupied: np.ndarray) -> int:
     where = np.flatnonzero(occupied)
     return int(where[-1] - where[0] + 1) if where.size else 0
 
 
 def _format_split_stats(split: str, slices: SliceSet) -> str:
-    stats = {**slice_statistics(slices.images), **fine_scale_noise(slices.images, progress=True)}
+    stats = {**slice_statistics(slices.images), **fine_scale_noise(slices.images, progress=True),
+             "outline_roughness": outline_roughness(slices.images)}
     parts = [f"{split:9s} {len(np.unique(slices.case_ids)):4d} cases {len(slices):6d} slices"]
     for label, key, fmt in (
         ("foreground", "foreground", ".3f"),
@@ -849,10 +905,14 @@ def _format_split_stats(split: str, slices: SliceSet) -> str:
         ("corr", "halo_noise_corr", ".2f"),
         ("white matter sd", "white_matter_sd", ".4f"),
         ("corr", "white_matter_corr", ".2f"),
+        ("outline roughness", "outline_roughness", ".2f"),
     ):
         values = stats[key][np.isfinite(stats[key])]
         if values.size:
             parts.append(f"{label} {values.mean():{fmt}} [{values.min():{fmt}}, {values.max():{fmt}}]")
+    rim = scalp_and_skull_depth(head_rim_profile(slices.images))
+    if rim:
+        parts.append(f"scalp peak {rim[0]} px, skull {rim[1]} px in from the head's edge")
     return " | ".join(parts)
 
 

@@ -508,6 +508,43 @@ def test_demo_noise_matches_the_real_slices(tiny_demo):
     assert 0.45 < np.nanmedian(stats["white_matter_corr"]) < 0.8
 
 
+def _disc(radius, size=160):
+    rows, cols = np.mgrid[:size, :size] - size / 2
+    return np.hypot(rows, cols), rows, cols
+
+
+def test_head_rim_profile_finds_a_bright_rim_and_a_dark_band_beneath_it():
+    distance, _, _ = _disc(60)
+    depth = 60 - distance
+    plane = np.where(depth > 0, 80, 0)  # tissue at 0.31 of full scale
+    plane = np.where((depth > 3) & (depth <= 5), 230, plane)  # a scalp 3-5 px in
+    plane = np.where((depth > 9) & (depth <= 11), 30, plane)  # a skull 9-11 px in
+    profile = dataset.head_rim_profile(plane[None].astype(np.uint8))
+    assert np.isnan(profile[0]) and profile[2:8].max() > 0.8 and profile[7:14].min() < 0.15
+    scalp, skull = dataset.scalp_and_skull_depth(profile)
+    assert 3 <= scalp <= 5 and 9 <= skull <= 11
+    assert dataset.scalp_and_skull_depth(dataset.head_rim_profile(np.zeros((1, 32, 32), np.uint8))) is None
+
+
+def test_outline_roughness_grows_with_a_ragged_edge():
+    distance, rows, _ = _disc(60)
+    smooth = (distance < 60).astype(np.uint8) * 9
+    streaks = 8 * ((rows // 4) % 2)  # every other 4-row band pushed 8 px out
+    ragged = (distance < 60 + streaks).astype(np.uint8) * 9
+    roughness = dataset.outline_roughness(np.stack([smooth, ragged, np.zeros_like(smooth)]))
+    assert 3.0 < roughness[0] < 3.4 and roughness[1] > roughness[0] + 0.5 and np.isnan(roughness[2])
+
+
+def test_demo_scalp_and_outline_match_the_real_slices(tiny_demo):
+    # The real subset (dataset.py --stats): scalp brightest 4 px in from the head's edge,
+    # skull 12-13 px in; outline roughness 3.67-3.74 (the previous demo version: 2 px,
+    # 8 px and 4.50).
+    images = np.concatenate([load_split(tiny_demo, s, cache_dir=None, progress=False).images for s in SPLITS])
+    scalp, skull = dataset.scalp_and_skull_depth(dataset.head_rim_profile(images))
+    assert 3 <= scalp <= 5 and 10 <= skull <= 14
+    assert 3.4 < np.nanmean(dataset.outline_roughness(images)) < 3.9
+
+
 def test_a_demo_build_from_an_older_generator_is_rebuilt(tmp_path):
     out = make_demo(tmp_path / "demo", n_train=1, n_validate=1, n_test=1, n_slices=1, progress=False)
     config = dict(n_train=1, n_validate=1, n_test=1, n_slices=1)
