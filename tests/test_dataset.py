@@ -510,11 +510,11 @@ def test_demo_noise_matches_the_real_slices(tiny_demo):
 
 def _disc(radius, size=160):
     rows, cols = np.mgrid[:size, :size] - size / 2
-    return np.hypot(rows, cols), rows, cols
+    return np.hypot(rows, cols), rows
 
 
 def test_head_rim_profile_finds_a_bright_rim_and_a_dark_band_beneath_it():
-    distance, _, _ = _disc(60)
+    distance, _ = _disc(60)
     depth = 60 - distance
     plane = np.where(depth > 0, 80, 0)  # tissue at 0.31 of full scale
     plane = np.where((depth > 3) & (depth <= 5), 230, plane)  # a scalp 3-5 px in
@@ -527,7 +527,7 @@ def test_head_rim_profile_finds_a_bright_rim_and_a_dark_band_beneath_it():
 
 
 def test_outline_roughness_grows_with_a_ragged_edge():
-    distance, rows, _ = _disc(60)
+    distance, rows = _disc(60)
     smooth = (distance < 60).astype(np.uint8) * 9
     streaks = 8 * ((rows // 4) % 2)  # every other 4-row band pushed 8 px out
     ragged = (distance < 60 + streaks).astype(np.uint8) * 9
