@@ -275,7 +275,7 @@ class PixelCNNConfig:
     kernel: int = opt(5, "kernel width of the gated layers (odd)", minimum=3)
     n_conditions: int = opt(32, "slice positions to condition on; 0 = unconditional")
     grid_size: int = opt(32, "side of the code grid; taken from the VQ-VAE checkpoint")
-    dropout: float = opt(0.0, "dropout inside the layers")
+    dropout: float = opt(0.1, "dropout inside the layers")
 
 
 def rows_per_layer(cfg: PixelCNNConfig):
@@ -458,9 +458,21 @@ def build_prior(cfg: PixelCNNConfig):
     raise ValueError(f"unknown PixelCNN kind {cfg.kind!r}; expected 'gated' or 'plain'")
 
 
+def nucleus(probs, top_p):
+    """Keep the most likely codes whose probabilities add up to top_p (at least one), renormalised
+    (Holtzman et al. 2020); the unlikely tail is where an undertrained prior's errors live."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=1, descending=True)
+    outside = sorted_probs.cumsum(dim=1) - sorted_probs >= top_p  # mass before this code already enough
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    kept = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+    return kept / kept.sum(dim=1, keepdim=True)
+
+
 @torch.no_grad()
 def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=None,
-                 progress=None):
+                 progress=None, top_p=1.0):
     """Ancestral sampling in raster order; returns (n, height, width) code indices.
 
     The gated model recomputes its vertical stacks once per row and only the cheap
@@ -483,7 +495,7 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
                 logits = model.horizontal_logits(band, left, cond, row)[:, :, 0, -1]
             else:
                 logits = model(codes[:, :row + 1], cond)[:, :, row, col]
-            probs = F.softmax(logits.float() / temperature, dim=1)
+            probs = nucleus(F.softmax(logits.float() / temperature, dim=1), top_p)
             codes[:, row, col] = torch.multinomial(probs, 1, generator=generator)[:, 0]
         if progress is not None:
             progress.update(1)

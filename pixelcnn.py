@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from dataset import DataError, load_split_tensor, resolve_data_root
 from modules import (VQVAE, PixelCNNConfig, VQVAEConfig, build_prior, rows_per_layer, rows_seen_above,
                      sample_codes)
-from utils import (Ranks, RunState, benchmark, load_checkpoint, load_weights, make_adam,
-                   make_scheduler, opt, parse_configs, pick_device, print_on_main, process_group, resume_run,
+from utils import (Ranks, RunState, WarmupCosine, benchmark, load_checkpoint, load_weights, make_adam, opt,
+                   parse_configs, pick_device, print_on_main, process_group, resolve_dtype, resume_run,
                    rng_state, run_epochs, run_script, save_checkpoint, set_seed, synchronize,
                    use_fast_math, wrap_for_ranks)
 
@@ -35,16 +35,19 @@ LN2 = math.log(2)
 class PriorTrainConfig:
     data: str = opt("demo", "OASIS root holding keras_png_slices_{train,validate,test}, or 'demo'")
     vqvae: str = opt("checkpoints/vqvae_best.pt", "the trained VQ-VAE whose codes the prior models")
-    epochs: int = opt(5, "passes over the training codes", minimum=1)
-    batch_size: int = opt(32, "code grids per step", minimum=1)
-    lr: float = opt(1e-3, "Adam learning rate")
-    milestones: list = opt((0.6, 0.85), "MultiStepLR milestones as fractions of all steps")
-    lr_gamma: float = opt(0.3, "learning-rate factor at each milestone")
-    dtype: str = opt("float32", "autocast dtype of the forward pass during training",
-                     choices=["float32", "bfloat16"])
+    epochs: int = opt(12, "passes over the training codes (at most; see --minutes)", minimum=1)
+    minutes: float = opt(5.0, "time budget of the training loop: after timing the first steps, the run is cut "
+                              "to the steps that fit (the learning rate still decays to zero at its end) and "
+                              "the best-by-validation checkpoint is kept; 0 = no budget, train all --epochs")
+    batch_size: int = opt(16, "code grids per step", minimum=1)
+    lr: float = opt(2e-3, "peak Adam learning rate")
+    warmup_steps: int = opt(20, "steps of linear learning-rate warm-up (at most a fifth of the run) before "
+                                "the cosine decay to zero", minimum=0)
+    dtype: str = opt("auto", "autocast dtype of the forward pass during training; auto = bfloat16 where the "
+                             "device has fast bf16 kernels (CUDA, CPUs with AVX-512 BF16), float32 elsewhere",
+                     choices=["auto", "float32", "bfloat16"])
     vflip: bool = opt(False, "augment with the codes of training slices flipped top-bottom (left-right "
-                             "hemispheres) for a random half of each batch; on real OASIS it lowered "
-                             "validation NLL but made samples easier to tell from real ones (README)")
+                             "hemispheres) for a random half of each batch")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where pixelcnn_last.pt and pixelcnn_best.pt go")
@@ -57,6 +60,23 @@ class PriorTrainConfig:
     benchmark_steps: int = opt(20, "timed training steps of --benchmark", minimum=1)
     benchmark_warmup: int = opt(3, "untimed training steps before them", minimum=0)
     benchmark_samples: int = opt(64, "code grids --benchmark samples, timed; 0 = skip sampling", minimum=0)
+
+
+# Named starting points, picked by the device unless --preset names one; explicit flags win.
+PRESETS = {
+    # a 2-core CPU: the prior over the quick VQ-VAE's 32x32 grid (16 layers of kernel 5 see
+    # all 31 rows above a code), trained against a time budget
+    "quick": {"hidden": 32, "n_layers": 16, "kernel": 5, "dropout": 0.1, "epochs": 12, "minutes": 5.0,
+              "batch_size": 16, "lr": 2e-3},
+    # a GPU: the prior over the paper VQ-VAE's 64x64 grid (21 layers of kernel 7 see all 63 rows)
+    "paper": {"hidden": 128, "n_layers": 21, "kernel": 7, "dropout": 0.1, "epochs": 40, "minutes": 0.0,
+              "batch_size": 32, "lr": 1e-3},
+}
+
+
+def default_preset(args):
+    """paper where the prior trains on a GPU, quick on a CPU"""
+    return "paper" if pick_device(args.device).type == "cuda" else "quick"
 
 
 def load_model(path, kind, build, made_by, device):
@@ -159,8 +179,9 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
 
 def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
     set_seed(cfg.seed)
-    use_fast_math(device, cfg.dtype)
     say = print_on_main(ranks)
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
+    use_fast_math(device, cfg.dtype)
     vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
     image_size = vq_ckpt["train_config"]["image_size"]
     model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
@@ -184,7 +205,7 @@ def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
     say(receptive_field_note(model_cfg))
     optimizer = make_adam(model.parameters(), cfg.lr, device)
     steps_per_epoch = max(1, len(train_codes) // (cfg.batch_size * ranks.world))
-    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, cfg.epochs * steps_per_epoch)
+    scheduler = WarmupCosine(optimizer, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
     last_path = Path(cfg.checkpoint_dir) / "pixelcnn_last.pt"
     best_path = Path(cfg.checkpoint_dir) / "pixelcnn_best.pt"
     state = RunState(best=math.inf)
@@ -230,7 +251,7 @@ def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
                save_last=lambda: save_checkpoint(last_path, checkpoint()), log_every=cfg.log_every,
                checkpoint_every=cfg.checkpoint_every, stop=stop,
                resume_command="python pixelcnn.py --resume (with the same flags)", show_progress=progress,
-               ranks=ranks)
+               ranks=ranks, minutes=cfg.minutes, on_total_steps=lambda total: setattr(scheduler, "total_steps", total))
     say(f"best validation NLL {state.best:.3f} bits/code (uniform {baselines['uniform_bits']:.3f}, "
           f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f}) -> {best_path}")
     return state.history
@@ -240,10 +261,11 @@ def benchmark_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig):
     """Time training steps and the sampling of cfg.benchmark_samples grids; writes nothing."""
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, lambda line: None))
     use_fast_math(device, cfg.dtype)
     model = build_prior(model_cfg).to(device)
     optimizer = make_adam(model.parameters(), cfg.lr, device)
-    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, 10 ** 6)
+    scheduler = WarmupCosine(optimizer, cfg.warmup_steps, 10 ** 6)
     step = make_train_step(model, model, optimizer, scheduler, cfg.dtype, device.type)
     side, b = model_cfg.grid_size, cfg.batch_size
 
@@ -270,7 +292,8 @@ def benchmark_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig):
 
 
 def main(argv=None):
-    cfg, model_cfg = parse_configs(__doc__, [PriorTrainConfig, PixelCNNConfig], argv)
+    cfg, model_cfg = parse_configs(__doc__, [PriorTrainConfig, PixelCNNConfig], argv, presets=PRESETS,
+                                   default_preset=default_preset)
     work = benchmark_prior if cfg.benchmark else train_prior
     run_script(lambda: work(cfg, model_cfg), batch_size=cfg.batch_size)
 

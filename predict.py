@@ -33,8 +33,8 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 from tqdm import tqdm
 
-from dataset import (FOREGROUND_THRESHOLD, DataError, demo_noise_free_split, load_split_tensor,
-                     resolve_data_root)
+from dataset import (DARK_HOLE_LEVEL, FOREGROUND_THRESHOLD, DataError, dark_holes, demo_noise_free_split,
+                     load_split_tensor, outline_roughness, resolve_data_root)
 from modules import C2ST_CHANNELS, TwoSampleClassifier, sample_codes
 from pixelcnn import load_prior, load_vqvae
 from train import codebook_usage, progress_indices, reconstruct_all
@@ -55,6 +55,8 @@ class PredictConfig:
     n_samples: int = opt(16, "slices to generate", minimum=1)
     slice: int = opt(-1, "slice position to generate (0..31); -1 draws it from the training data")
     temperature: float = opt(1.0, "softmax temperature of the prior when sampling")
+    top_p: float = opt(1.0, "nucleus sampling: draw each code from the most likely codes that make up this "
+                            "much of the probability; 1.0 = from all")
     sweep_frames: int = opt(8, "frames of slice_sweep.gif, one generated slice per conditioned position; 0 = none")
     save_reconstructions: bool = opt(False, "also write every test reconstruction as an 8-bit PNG")
     reconstruction_only: bool = opt(False, "evaluate the VQ-VAE alone (no prior needed): reconstructions, "
@@ -65,6 +67,8 @@ class PredictConfig:
                                "controls, nearest-neighbour SSIM, histogram and brain-area distances) "
                                "into metrics.json; minutes on a CPU")
     realism_samples: int = opt(256, "slices to generate for --realism")
+    realism_size: int = opt(0, "side of the images the two-sample classifier sees; 0 = the model's image "
+                               "size (a second test at 64 px is always reported beside it)", minimum=0)
     realism_folds: int = opt(5, "folds, grouped by subject, of the two-sample classifier's cross-validation")
     realism_epochs: int = opt(20, "training epochs of the two-sample classifier in each fold")
     realism_lr: float = opt(1e-3, "Adam learning rate of the two-sample classifier")
@@ -108,32 +112,39 @@ def sample_conditions(prior_ckpt, n, slice_position, generator):
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
-def generate(vqvae, prior, prior_ckpt, n, slice_position, temperature, seed, device):
+def sampling_settings(cfg: PredictConfig):
+    """The keyword arguments of modules.sample_codes that --temperature and --top-p set."""
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        raise DataError(f"--temperature must be above 0 and --top-p in (0, 1]; got {cfg.temperature}, {cfg.top_p}")
+    return {"temperature": cfg.temperature, "top_p": cfg.top_p}
+
+
+def generate(vqvae, prior, prior_ckpt, n, slice_position, sampling, seed, device):
     """-> (images (n, 1, H, W) in [0, 1] on the CPU, seconds spent sampling codes)."""
     cond = sample_conditions(prior_ckpt, n, slice_position, torch.Generator().manual_seed(seed))
-    return decode_samples(vqvae, prior, prior_ckpt, n, cond, temperature, seed, device)
+    return decode_samples(vqvae, prior, prior_ckpt, n, cond, sampling, seed, device)
 
 
-def decode_samples(vqvae, prior, prior_ckpt, n, cond, temperature, seed, device):
+def decode_samples(vqvae, prior, prior_ckpt, n, cond, sampling, seed, device):
     """Sample n code grids for the given conditions (or None) and decode them."""
     cond = cond.to(device) if cond is not None else None
     height, width = prior_ckpt["grid"]
     device_generator = torch.Generator(device=device).manual_seed(seed)
     started = time.time()
     with tqdm(total=height, desc="sampling rows", leave=False) as bar:
-        codes = sample_codes(prior, n, height, width, cond, temperature, device_generator, bar)
+        codes = sample_codes(prior, n, height, width, cond, generator=device_generator, progress=bar, **sampling)
     seconds = time.time() - started
     images = torch.cat([vqvae.decode_indices(codes[i:i + 64]).cpu() for i in range(0, n, 64)])
     return images, seconds
 
 
-def save_slice_sweep(vqvae, prior, prior_ckpt, frames, temperature, seed, device, path):
+def save_slice_sweep(vqvae, prior, prior_ckpt, frames, sampling, seed, device, path):
     """A GIF of generated slices as the conditioned position runs from lowest to highest."""
     n_conditions = prior_ckpt["model_config"]["n_conditions"]
     if not n_conditions or frames < 1:
         return
     positions = torch.linspace(0, n_conditions - 1, min(frames, n_conditions)).round().long()
-    images, _ = decode_samples(vqvae, prior, prior_ckpt, len(positions), positions, temperature, seed, device)
+    images, _ = decode_samples(vqvae, prior, prior_ckpt, len(positions), positions, sampling, seed, device)
     pictures = [Image.fromarray(to_uint8(image)) for image in images.squeeze(1).numpy()]
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=300, loop=0)
 
@@ -243,8 +254,8 @@ REAL_VS_REAL_RANGE = (0.35, 0.65)
 BLURRED_MIN_ACCURACY = 0.9
 # The blur the classifier must see: sigma 2 px on a 256 x 256 slice, scaled with the size.
 BLUR_SIGMA_AT_256 = 2.0
-# The classifier sees images downsampled to at most this size.
-C2ST_INPUT_SIZE = 64
+# The coarse view reported beside the test at the model's image size.
+C2ST_COARSE_SIZE = 64
 HISTOGRAM_BINS = 64
 # skimage.metrics.structural_similarity's defaults: 7 x 7 uniform window, sample covariance.
 SSIM_WINDOW, SSIM_K1, SSIM_K2 = 7, 0.01, 0.03
@@ -256,7 +267,7 @@ def c2st_architecture(input_size):
             f"ReLU), channels {widths}; global average pool; linear -> 1 logit")
 
 
-def classifier_input(images, size=C2ST_INPUT_SIZE):
+def classifier_input(images, size):
     """(N, 1, H, W) in [0, 1] -> float32, area-downsampled to size x size when larger."""
     images = images.float()
     if images.shape[-1] > size:
@@ -334,7 +345,7 @@ def train_and_score(train_x, train_y, test_x, test_y, *, epochs, lr, batch_size,
 
 
 def classifier_two_sample_test(images_a, images_b, groups_a, groups_b, *, n_folds=5, epochs=20,
-                               lr=1e-3, batch_size=32, seed=0, device="cpu"):
+                               lr=1e-3, batch_size=32, seed=0, device="cpu", input_size=C2ST_COARSE_SIZE):
     """Cross-validated balanced accuracy of TwoSampleClassifier telling a (label 0) from b
     (label 1); 0.5 = indistinguishable.
 
@@ -347,11 +358,13 @@ def classifier_two_sample_test(images_a, images_b, groups_a, groups_b, *, n_fold
     groups = [np.asarray(g)[k] if g is not None else n for g, k in ((groups_a, keep_a), (groups_b, keep_b))]
     folds_a, folds_b = two_sample_folds(*groups, n_folds, seed)
     device = torch.device(device)
-    x = classifier_input(torch.cat([images_a[keep_a], images_b[keep_b]])).to(device)
+    x = classifier_input(torch.cat([images_a[keep_a], images_b[keep_b]]), input_size).to(device)
     y = torch.cat([torch.zeros(n), torch.ones(n)]).to(device)
+    splits = fold_splits(np.concatenate([folds_a, folds_b]))
     accuracies = [train_and_score(x[train], y[train], x[test], y[test], epochs=epochs, lr=lr,
                                   batch_size=batch_size, seed=seed * 1000 + k)
-                  for k, (train, test) in enumerate(fold_splits(np.concatenate([folds_a, folds_b])))]
+                  for k, (train, test) in enumerate(tqdm(splits, desc=f"two-sample test at {x.shape[-1]} px",
+                                                         unit="fold", leave=False))]
     subjects = [len(np.unique(g)) if not isinstance(g, int) else None for g in groups]
     return {"accuracy": float(np.mean(accuracies)), "fold_accuracies": accuracies,
             "accuracy_kind": "balanced (mean of per-class accuracies) on held-out folds",
@@ -493,13 +506,56 @@ def _nn_summary(values):
     return {"mean": float(values.mean()), "max": float(values.max()), "n": int(len(values))}
 
 
+def judged_c2st(samples, train_recon, train_case_ids, *, input_size, seed, **c2st_args):
+    """The C2ST of samples against reconstructed train slices at one input size, with both
+    controls run by the same classifier and budget, and whether the controls pass."""
+    c2st = classifier_two_sample_test(samples, train_recon, None, train_case_ids, seed=seed,
+                                      input_size=input_size, **c2st_args)
+    c2st["sides"] = {"a": "generated", "b": "VQ-VAE reconstructions of train slices"}
+    n = c2st["n_per_class"]
+    real_vs_real = real_vs_real_control(train_recon, train_case_ids, n, seed=seed, input_size=input_size,
+                                        **c2st_args)
+    blurred = blurred_vs_real_control(train_recon, train_case_ids, n, sigma=blur_sigma(samples.shape[-1]),
+                                      seed=seed, input_size=input_size, **c2st_args)
+    passed = controls_pass(real_vs_real["accuracy"], blurred["accuracy"])
+    return {**c2st, "input_size": int(input_size), "valid": passed,
+            "controls": {"real_vs_real": real_vs_real, "blurred_vs_real": blurred,
+                         "images": "VQ-VAE reconstructions of train slices",
+                         "real_vs_real_range": list(REAL_VS_REAL_RANGE),
+                         "blurred_min_accuracy": BLURRED_MIN_ACCURACY}}
+
+
+def as_uint8(images):
+    """(N, 1, H, W) in [0, 1] -> (N, H, W) uint8, as the images are saved."""
+    return to_uint8(torch.as_tensor(images).float().squeeze(1).cpu().numpy())
+
+
+def shape_figures(images_by_name):
+    """What a person sees at a glance, per image: how ragged the head's outline is and how many
+    black holes lie inside it (dataset.outline_roughness, dataset.dark_holes)."""
+    figures = {}
+    for name, images in images_by_name.items():
+        images = as_uint8(images)
+        roughness, holes = outline_roughness(images), dark_holes(images)
+        roughness = roughness[np.isfinite(roughness)]
+        figures[name] = {"outline_roughness_mean": float(roughness.mean()) if roughness.size else None,
+                         "outline_roughness_std": float(roughness.std()) if roughness.size else None,
+                         "hole_rate": float((holes > 0).mean()), "holes_per_image": float(holes.mean()),
+                         "n": int(len(images))}
+    return {**figures, "hole_definition": f"a region darker than {DARK_HOLE_LEVEL} of full scale inside the "
+                                          "head, away from its rim, of 40 px or more at 256x256 (scaled)",
+            "roughness_definition": "perimeter / sqrt(area) of the non-black region; about 3.2 for a disc"}
+
+
 def realism_report(samples, train_images, train_recon, train_case_ids, test_images, test_recon, *,
-                   n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0, device="cpu"):
+                   n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0, device="cpu",
+                   input_size=0):
     """Every realism figure for `samples` (all image tensors (N, 1, H, W) in [0, 1]).
 
     The C2ST and both controls judge VQ-VAE reconstructions of the train split, so the
-    decoder is the same on both sides and only the prior is judged; nearest-neighbour SSIM
-    and the distribution distances compare against the real train slices."""
+    decoder is the same on both sides and only the prior is judged: at input_size (0 = the
+    images' own size) and at the coarse 64 px view. Nearest-neighbour SSIM and the
+    distribution distances compare against the real train slices."""
     started = time.time()
     train_case_ids = np.asarray(train_case_ids)
     if len(np.unique(train_case_ids)) < 2 * n_folds:
@@ -507,13 +563,12 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
                         f"folds on each half of the real-vs-real control; found "
                         f"{len(np.unique(train_case_ids))}")
     c2st_args = {"n_folds": n_folds, "epochs": epochs, "lr": lr, "batch_size": batch_size, "device": device}
-    c2st = classifier_two_sample_test(samples, train_recon, None, train_case_ids, seed=seed, **c2st_args)
-    c2st["sides"] = {"a": "generated", "b": "VQ-VAE reconstructions of train slices"}
-    n = c2st["n_per_class"]
-    real_vs_real = real_vs_real_control(train_recon, train_case_ids, n, seed=seed, **c2st_args)
-    blurred = blurred_vs_real_control(train_recon, train_case_ids, n, sigma=blur_sigma(samples.shape[-1]),
-                                      seed=seed, **c2st_args)
-    passed = controls_pass(real_vs_real["accuracy"], blurred["accuracy"])
+    size = min(input_size or samples.shape[-1], samples.shape[-1])
+    c2st = judged_c2st(samples, train_recon, train_case_ids, input_size=size, seed=seed, **c2st_args)
+    coarse = None
+    if size > C2ST_COARSE_SIZE:
+        coarse = judged_c2st(samples, train_recon, train_case_ids, input_size=C2ST_COARSE_SIZE, seed=seed,
+                             **c2st_args)
     c2st_seconds = time.time() - started
 
     references = train_images
@@ -526,14 +581,13 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
                "statistic": "per image, the max SSIM against every compared train slice (skimage "
                             "structural_similarity, data_range=1.0); mean and max over images"}
     return {
-        "c2st": {**c2st, "valid": passed},
-        "c2st_valid": passed,
-        "controls_pass": passed,
-        "controls": {"real_vs_real": real_vs_real, "blurred_vs_real": blurred,
-                     "images": "VQ-VAE reconstructions of train slices",
-                     "real_vs_real_range": list(REAL_VS_REAL_RANGE),
-                     "blurred_min_accuracy": BLURRED_MIN_ACCURACY},
+        "c2st": c2st,
+        "c2st_valid": c2st["valid"],
+        "controls_pass": c2st["valid"],
+        "controls": c2st["controls"],
+        "c2st_64": coarse,
         "nn_ssim": nn_ssim,
+        "shape": shape_figures({"samples": samples, "test_real": test_images, "test_reconstructions": test_recon}),
         "distances": {"reference": "real train slices",
                       "samples": distribution_distances(samples, train_images),
                       "test_real": distribution_distances(test_images, train_images),
@@ -544,13 +598,19 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
     }
 
 
+def _c2st_line(c2st):
+    controls = c2st["controls"]
+    verdict = "valid" if c2st["valid"] else "NOT VALID (controls failed)"
+    return (f"C2ST at {c2st['input_size']} px, generated vs reconstructed real: {c2st['accuracy']:.3f} "
+            f"(0.5 = indistinguishable; folds {', '.join(f'{a:.2f}' for a in c2st['fold_accuracies'])}) | "
+            f"controls: real vs real {controls['real_vs_real']['accuracy']:.3f}, blurred vs real "
+            f"{controls['blurred_vs_real']['accuracy']:.3f} -> {verdict}")
+
+
 def print_realism(report):
-    c2st, controls = report["c2st"], report["controls"]
-    verdict = "valid" if report["c2st_valid"] else "NOT VALID (controls failed)"
-    print(f"C2ST generated vs reconstructed real: {c2st['accuracy']:.3f} (0.5 = indistinguishable; "
-          f"folds {', '.join(f'{a:.2f}' for a in c2st['fold_accuracies'])}) | controls: real vs real "
-          f"{controls['real_vs_real']['accuracy']:.3f}, blurred vs real "
-          f"{controls['blurred_vs_real']['accuracy']:.3f} -> {verdict}")
+    for c2st in (report["c2st"], report["c2st_64"]):
+        if c2st is not None:
+            print(_c2st_line(c2st))
     nn_ssim = report["nn_ssim"]
     print("nearest-neighbour SSIM to train (mean / max): " + " | ".join(
         f"{name} {nn_ssim[name]['mean']:.3f} / {nn_ssim[name]['max']:.3f}"
@@ -559,18 +619,23 @@ def print_realism(report):
     print("vs real train slices, histogram JS / brain-area W1: " + " | ".join(
         f"{name} {d[name]['histogram_jensen_shannon']:.4f} / {d[name]['brain_area_wasserstein']:.4f}"
         for name in ("samples", "test_real", "test_reconstructions")))
+    shape = report["shape"]
+    print("outline roughness / images with a black hole: " + " | ".join(
+        f"{name} {shape[name]['outline_roughness_mean']:.2f} / {shape[name]['hole_rate']:.1%}"
+        for name in ("samples", "test_real", "test_reconstructions")))
 
 
 def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, root, image_size, test_u8, test_recon, device):
     train_u8, train_set = load_split_tensor(root, "train", image_size, device)
     train_recon = reconstruct_all(vqvae, train_u8)
-    samples, _ = generate(vqvae, prior, prior_ckpt, cfg.realism_samples, cfg.slice, cfg.temperature,
+    samples, _ = generate(vqvae, prior, prior_ckpt, cfg.realism_samples, cfg.slice, sampling_settings(cfg),
                           cfg.seed, device)
     report = realism_report(samples, train_u8.float().div(255).cpu(), train_recon, train_set.case_ids,
                             test_u8.float().div(255).cpu(), test_recon, n_folds=cfg.realism_folds,
                             epochs=cfg.realism_epochs, lr=cfg.realism_lr, batch_size=cfg.realism_batch_size,
-                            nn_train=cfg.realism_nn_train, seed=cfg.seed, device=device)
-    report.update({"slice": cfg.slice, "temperature": cfg.temperature})
+                            nn_train=cfg.realism_nn_train, seed=cfg.seed, device=device,
+                            input_size=cfg.realism_size)
+    report.update({"slice": cfg.slice, **sampling_settings(cfg)})
     return report
 
 
@@ -598,11 +663,11 @@ def predict(cfg: PredictConfig):
 
     if prior is not None:
         samples, seconds = generate(vqvae, prior, prior_ckpt, cfg.n_samples, cfg.slice,
-                                    cfg.temperature, cfg.seed, device)
+                                    sampling_settings(cfg), cfg.seed, device)
         save_samples(samples, out_dir)
         metrics.update({"prior_val_nll_bits": prior_ckpt["run"]["best"], **prior_ckpt["baselines"],
                         "n_samples": cfg.n_samples, "sampling_seconds": seconds})
-        save_slice_sweep(vqvae, prior, prior_ckpt, cfg.sweep_frames, cfg.temperature, cfg.seed, device,
+        save_slice_sweep(vqvae, prior, prior_ckpt, cfg.sweep_frames, sampling_settings(cfg), cfg.seed, device,
                          out_dir / "slice_sweep.gif")
         print(f"sampled {cfg.n_samples} slices in {seconds:.1f}s -> {out_dir / 'samples.png'}")
     save_code_maps(vqvae, test_u8, out_dir / "code_maps.png")

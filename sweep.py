@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 import train
-from utils import HelpFormatter, NonFiniteLoss, OneLineErrorParser, die, load_checkpoint, run_script
+from utils import (HelpFormatter, NonFiniteLoss, OneLineErrorParser, die, load_checkpoint, pick_device, resolve_dtype,
+                   run_script)
 
 OWN_FLAGS = {"--runs", "--file", "--common", "--out-dir", "--checkpoint-root", "-h", "--help"}
 # Where a run is written and how often it logs or saves do not change what it learns.
@@ -87,6 +88,8 @@ def changed_settings(ckpt, cfg, model_cfg):
     changed = []
     for saved, config in ((ckpt["train_config"], cfg), (ckpt["model_config"], model_cfg)):
         there, here = comparable(saved), comparable(dataclasses.asdict(config))
+        if here.get("dtype") == "auto":  # checkpoints hold the dtype that auto picked
+            here["dtype"] = resolve_dtype("auto", pick_device(cfg.device), say=lambda line: None)
         changed += sorted(k for k in there.keys() | here.keys() if there.get(k) != here.get(k))
     return changed
 

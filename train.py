@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from dataset import cases_in_several_splits, load_split_tensor, resolve_data_root
 from modules import VQVAE, VQVAEConfig
 from utils import (Ranks, RunState, benchmark, epoch_order, image_grid, make_adam,
-                   make_scheduler, opt, parse_configs, pick_device, print_on_main, process_group, resume_run,
-                   rng_state, run_epochs, run_script, save_checkpoint, save_gray_png, set_seed,
+                   make_scheduler, opt, parse_configs, pick_device, print_on_main, process_group, resolve_dtype,
+                   resume_run, rng_state, run_epochs, run_script, save_checkpoint, save_gray_png, set_seed,
                    ssim_per_image, use_fast_math, wrap_for_ranks)
 
 
@@ -41,8 +41,9 @@ class TrainConfig:
     lr_gamma: float = opt(0.3, "learning-rate factor at each milestone")
     vflip: bool = opt(False, "augment by flipping training slices top-bottom (left-right hemispheres)")
     recon_loss: str = opt("bce", "reconstruction loss on [0, 1] intensities", choices=["bce", "mse"])
-    dtype: str = opt("float32", "autocast dtype of the convolutions (the quantizer stays float32)",
-                     choices=["float32", "bfloat16"])
+    dtype: str = opt("auto", "autocast dtype of the convolutions (the quantizer stays float32); auto = "
+                             "bfloat16 where the device has fast bf16 kernels (CUDA, CPUs with AVX-512 BF16), "
+                             "float32 elsewhere", choices=["auto", "float32", "bfloat16"])
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where vqvae_last.pt and vqvae_best.pt go")
@@ -205,6 +206,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
 def train_on(cfg, model_cfg, ranks, device, progress, stop):
     set_seed(cfg.seed)
     say = print_on_main(ranks)
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
     root = resolve_data_root(cfg.data)
     train_u8, _ = load_split_tensor(root, "train", cfg.image_size, device, progress=progress)
     val_u8, _ = load_split_tensor(root, "validate", cfg.image_size, device, progress=progress)
@@ -275,6 +277,7 @@ def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig):
     """Time training steps on the real training split; writes no checkpoint or image."""
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, lambda line: None))
     train_u8, _ = load_split_tensor(resolve_data_root(cfg.data), "train", cfg.image_size, device)
     _, _, _, step, _ = setup_training(cfg, model_cfg, device, Ranks(), len(train_u8))
     next_batch = (resident_batches if cfg.benchmark_loader == "resident" else loader_batches)(

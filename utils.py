@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import random
 import signal
@@ -131,6 +132,24 @@ def cpu_has_bfloat16_kernels():
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without the probe: assume the fast path
         return True
+
+
+def bfloat16_is_fast(device):
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bfloat16_kernels()
+
+
+def resolve_dtype(name, device, say=print):
+    """--dtype auto -> bfloat16 where the device has fast bf16 kernels (CUDA GPUs that support
+    it, CPUs with AVX-512 BF16), float32 elsewhere; says which it picked. Other names pass."""
+    if name != "auto":
+        return name
+    dtype = "bfloat16" if bfloat16_is_fast(device) else "float32"
+    where = "this GPU" if device.type == "cuda" else "this CPU"
+    has = "has" if dtype == "bfloat16" else "has no"
+    say(f"precision: {dtype} (--dtype auto: {where} {has} fast bf16 kernels)")
+    return dtype
 
 
 def use_fast_math(device, dtype="float32"):
@@ -335,6 +354,28 @@ def make_scheduler(optimizer, milestones, gamma, total_steps):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=gamma)
 
 
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up, then a cosine decay to zero at total_steps. The warm-up lasts
+    warmup_steps, or a fifth of the run if that is shorter.
+
+    total_steps may be lowered while the run is under way (a time budget fixes it once the
+    speed is known); it is part of the state_dict, so a resumed run decays the same way."""
+
+    def __init__(self, optimizer, warmup_steps, total_steps):
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        super().__init__(optimizer)
+
+    def factor(self, step):
+        warmup = min(self.warmup_steps, self.total_steps // 5)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def get_lr(self):
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+
 @dataclasses.dataclass
 class RunState:
     """Where a training run stands; saved in every checkpoint, so resuming is exact."""
@@ -343,6 +384,43 @@ class RunState:
     step: int = 0            # steps done in all
     best: float = float("nan")
     history: list = dataclasses.field(default_factory=list)
+    total_steps: int = 0     # where a time budget ends the run; 0 = after the last epoch
+
+
+class TimeBudget:
+    """Turns a budget in minutes into a number of steps.
+
+    After `timing_steps` steps it extrapolates the time per step and caps the run at the
+    steps that fit in what is left of the budget, less `margin` for validation and saving,
+    so a learning-rate schedule can end with the run instead of being cut off mid-way. Past
+    the budget itself (a machine that slowed down) the run also stops at the next step."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, minutes, timing_steps=20, margin=0.12):
+        self.seconds, self.timing_steps, self.margin = minutes * 60, timing_steps, margin
+        self.started = self.clock()
+        self.steps_timed = 0
+        self.timing_from = None
+
+    def elapsed(self):
+        return self.clock() - self.started
+
+    def steps_that_fit(self, step, device):
+        """Called after every step; returns the total step count once it is known, else None."""
+        self.steps_timed += 1
+        if self.steps_timed == 3:  # the first steps warm caches and allocators up; time the rest
+            synchronize(device)
+            self.timing_from = self.clock()
+        if self.steps_timed != self.timing_steps + 3:
+            return None
+        synchronize(device)
+        per_step = (self.clock() - self.timing_from) / self.timing_steps
+        left = self.seconds * (1 - self.margin) - self.elapsed()
+        return step + max(0, int(left / per_step))
+
+    def spent(self):
+        return self.elapsed() >= self.seconds
 
 
 def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
@@ -360,7 +438,7 @@ def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
 
 def run_epochs(state, *, epochs, n_items, batch_size, seed, device, train_step, end_epoch,
                save_last, on_log=None, log_every=50, checkpoint_every=0, stop=None,
-               resume_command="", show_progress=True, ranks=None):
+               resume_command="", show_progress=True, ranks=None, minutes=0.0, on_total_steps=None):
     """The loop both trainers share.
 
     train_step(batch_ids) -> 1-D tensor of detached losses, the total first;
@@ -369,25 +447,38 @@ def run_epochs(state, *, epochs, n_items, batch_size, seed, device, train_step, 
     points (no host sync per step); they are checked for NaN before anything is saved.
     With several processes each takes its own share of every batch-sized slice of the
     epoch's order, losses are averaged over processes, and only rank 0 saves and prints.
+    minutes > 0 is a time budget (TimeBudget): once it has fixed the run's length,
+    on_total_steps(total) is called so the learning-rate schedule can end there too; the
+    epoch under way when the run ends is validated (end_epoch) like a whole one.
     """
     ranks = ranks or Ranks()
     say = print_on_main(ranks)
     global_batch = batch_size * ranks.world
     steps_per_epoch = max(1, n_items // global_batch)
+    budget = TimeBudget(minutes) if minutes > 0 else None
     with stop or StopFlag() as stop:
         for epoch in range(state.epoch, epochs):
+            if state.total_steps and state.step >= state.total_steps:
+                break
             order = epoch_order(n_items, seed, epoch).to(device)
             first = state.step_in_epoch
             sums, bad_step = None, torch.tensor(-1, device=device)
             step_on_device = torch.tensor(state.step, device=device)
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}",
                        disable=not (show_progress and ranks.main), leave=False)
+            steps_done = 0
             for i in bar:
+                if state.total_steps and state.step >= state.total_steps:
+                    break
                 start = i * global_batch + ranks.rank * batch_size
                 losses = train_step(order[start:start + batch_size])
                 state.step += 1
                 state.step_in_epoch = i + 1
+                steps_done += 1
                 step_on_device += 1
+                if budget is not None:
+                    _apply_budget(budget, state, epochs * steps_per_epoch, device, ranks,
+                                  bar.write if show_progress and ranks.main else say, on_total_steps)
                 sums = losses if sums is None else sums + losses
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses[0]), step_on_device, bad_step)
                 at_log_point = state.step % log_every == 0
@@ -415,13 +506,36 @@ def run_epochs(state, *, epochs, n_items, batch_size, seed, device, train_step, 
             bar.close()
             if sums is not None:
                 _check_finite(bad_step, sums)
-                means = (ranks.sum(sums) / ranks.world / (steps_per_epoch - first)).tolist()
+                means = (ranks.sum(sums) / ranks.world / steps_done).tolist()
             else:
                 means = []
             state.epoch, state.step_in_epoch = epoch + 1, 0
             end_epoch(epoch + 1, means)
             if ranks.main:
                 save_last()
+
+
+def _apply_budget(budget, state, planned_steps, device, ranks, say, on_total_steps):
+    """Fix the run's length once the budget has timed enough steps; end it when spent."""
+    if not state.total_steps:
+        total = budget.steps_that_fit(state.step, device)
+        if total is not None:
+            # every process must end at the same step: take rank 0's estimate
+            total = int(ranks.sum(torch.tensor(float(total if ranks.main else 0), device=device)))
+            state.total_steps = max(state.step + 1, min(total, planned_steps))
+            say(f"time budget {budget.seconds / 60:g} min: training stops after step {state.total_steps} "
+                f"of {planned_steps} ({state.total_steps / planned_steps:.0%} of --epochs)")
+            if on_total_steps is not None:
+                on_total_steps(state.total_steps)
+    if ranks.world > 1:
+        if state.step % 10:  # processes compare clocks only every 10 steps, all at the same step
+            return
+        spent = ranks.any(budget.spent(), device)
+    else:
+        spent = budget.spent()
+    if spent and state.step < (state.total_steps or planned_steps + 1):
+        say(f"time budget spent at step {state.step}; validating and stopping")
+        state.total_steps = state.step
 
 
 def _check_finite(bad_step, losses):

@@ -648,3 +648,16 @@ def test_cases_in_several_splits_are_found(tree, tiny_demo):
     root, _ = tree
     assert cases_in_several_splits(root) == {"001": list(SPLITS), "002": list(SPLITS)}
     assert cases_in_several_splits(tiny_demo) == {}
+
+
+def test_dark_holes_counts_black_spots_inside_the_head_but_not_its_dark_rim_or_small_specks():
+    size = 128
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    head = np.where(xx ** 2 + yy ** 2 < 45 ** 2, 120, 0).astype(np.uint8)
+    rim = head.copy()
+    rim[(xx ** 2 + yy ** 2 > 40 ** 2) & (xx ** 2 + yy ** 2 < 42 ** 2)] = 0  # a dark skull line
+    speck, spots = head.copy(), head.copy()
+    speck[60:62, 60:62] = 0                              # 4 px: under the 10 px that count at 128
+    spots[50:55, 50:55], spots[70:76, 70:76] = 0, 3      # two black spots, one of them not quite 0
+    assert dataset.dark_holes(np.stack([head, rim, speck, spots])).tolist() == [0, 0, 0, 2]
+

@@ -194,7 +194,7 @@ def test_a_prior_too_shallow_for_its_grid_is_reported_with_the_layers_that_would
 def test_conditioning_changes_the_output_distribution():
     torch.manual_seed(0)
     for kind in ("gated", "plain"):
-        model = build_prior(PixelCNNConfig(num_codes=10, kind=kind, hidden=8, n_layers=2, n_conditions=4))
+        model = build_prior(PixelCNNConfig(num_codes=10, kind=kind, hidden=8, n_layers=2, n_conditions=4, dropout=0.0))
         torch.nn.init.normal_(model.layers[0].cond.weight if kind == "gated" else model.cond.weight)
         indices = torch.randint(0, 10, (1, 6, 6))
         a = model(indices, torch.tensor([0]))
@@ -253,7 +253,7 @@ def test_a_new_conditioned_prior_starts_unconditioned_and_learns_the_condition(k
     """The slice embedding starts at zero (a random start saturated the gates and slowed
     learning); its gradient must still reach it, or conditioning would never be learnt."""
     torch.manual_seed(0)
-    model = build_prior(PixelCNNConfig(num_codes=10, kind=kind, hidden=8, n_layers=2, n_conditions=4))
+    model = build_prior(PixelCNNConfig(num_codes=10, kind=kind, hidden=8, n_layers=2, n_conditions=4, dropout=0.0))
     indices = torch.randint(0, 10, (2, 6, 6))
     assert torch.equal(model(indices, torch.tensor([0, 0])), model(indices, torch.tensor([3, 3])))
     F.cross_entropy(model(indices, torch.tensor([1, 2])), indices).backward()

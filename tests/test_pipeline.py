@@ -9,6 +9,7 @@ from PIL import Image
 import pixelcnn
 import predict
 import train
+from utils import parse_configs
 
 TINY_VQVAE = ["--image-size", "32", "--hidden", "16", "--res-hidden", "8", "--num-codes", "16",
               "--code-dim", "8", "--batch-size", "8", "--log-every", "2"]
@@ -143,3 +144,49 @@ def test_reconstruction_only_evaluates_the_vqvae_without_a_prior(pipeline_run):
     assert metrics["prior"] is None and "sampling_seconds" not in metrics
     assert not (work / "recon_only" / "samples").exists()
     assert (work / "recon_only" / "curves.png").is_file()
+
+
+def test_without_a_preset_a_gpu_prior_sees_the_paper_grid_and_a_cpu_prior_is_quick_and_budgeted():
+    from modules import PixelCNNConfig, rows_seen_above
+
+    def parse(*argv):
+        return parse_configs("", [pixelcnn.PriorTrainConfig, PixelCNNConfig], list(argv), pixelcnn.PRESETS,
+                             pixelcnn.default_preset)
+    cfg, model_cfg = parse("--device", "cuda")  # parsing only: nothing touches a GPU
+    assert cfg.minutes == 0 and rows_seen_above(model_cfg) >= 64 - 1  # the paper VQ-VAE's 64x64 grid
+    cfg, model_cfg = parse("--device", "cpu")
+    assert cfg.minutes > 0 and rows_seen_above(model_cfg) >= 32 - 1  # the quick VQ-VAE's 32x32 grid
+    defaults = (pixelcnn.PriorTrainConfig(), PixelCNNConfig())  # what code that builds configs gets
+    assert [(c.hidden, c.n_layers, c.dropout) for c in (model_cfg, defaults[1])] == \
+        [(model_cfg.hidden, model_cfg.n_layers, model_cfg.dropout)] * 2
+    assert (defaults[0].minutes, defaults[0].lr, defaults[0].epochs) == (cfg.minutes, cfg.lr, cfg.epochs)
+    cfg, model_cfg = parse("--device", "cuda", "--preset", "quick", "--minutes", "0")
+    assert cfg.minutes == 0 and model_cfg.hidden == pixelcnn.PRESETS["quick"]["hidden"]
+
+
+@pytest.mark.parametrize("device, fast, expected", [("cpu", True, "bfloat16"), ("cpu", False, "float32"),
+                                                     ("cuda", True, "bfloat16"), ("cuda", False, "float32")])
+def test_dtype_auto_picks_bf16_only_where_the_device_has_fast_kernels_and_says_so(monkeypatch, device, fast,
+                                                                                  expected):
+    import utils
+    monkeypatch.setattr(utils, "cpu_has_bfloat16_kernels", lambda: fast)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: fast)
+    said = []
+    assert utils.resolve_dtype("auto", torch.device(device), said.append) == expected
+    assert len(said) == 1 and expected in said[0]
+    assert utils.resolve_dtype("float32", torch.device(device), said.append) == "float32" and len(said) == 1
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_zero_where_the_run_ends():
+    from utils import WarmupCosine
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = WarmupCosine(optimizer, warmup_steps=4, total_steps=20)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for step in range(10):
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if step == 6:
+            schedule.total_steps = 10  # a time budget cut the run short
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # 4 steps: a fifth of 20
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[10] == pytest.approx(0.0, abs=1e-12)

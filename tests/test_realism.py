@@ -262,3 +262,35 @@ def test_realism_is_off_by_default_and_its_flags_are_documented(capsys):
     for flag in ("--realism", "--no-realism", "--realism-samples", "--realism-folds", "--realism-epochs",
                  "--realism-lr", "--realism-batch-size", "--realism-nn-train"):
         assert flag in help_text
+
+
+def disc_slices(n, size=128, radius=0.3, level=0.5):
+    yy, xx = np.mgrid[:size, :size] / size - 0.5
+    disc = np.where(xx ** 2 + yy ** 2 < radius ** 2, level, 0.0)
+    return torch.tensor(np.repeat(disc[None, None], n, axis=0), dtype=torch.float32)
+
+
+def test_shape_figures_give_a_smooth_disc_its_roughness_and_count_a_planted_hole():
+    plain, holed = disc_slices(4), disc_slices(4)
+    holed[1:3, 0, 60:66, 60:66] = 0.0  # a black spot in the middle of two of the four
+    figures = predict.shape_figures({"plain": plain, "holed": holed})
+    assert 3.0 < figures["plain"]["outline_roughness_mean"] < 3.4
+    assert figures["plain"]["hole_rate"] == 0.0 and figures["holed"]["hole_rate"] == 0.5
+    assert figures["holed"]["holes_per_image"] == 0.5
+
+
+def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(subjects, monkeypatch):
+    seen_sizes = []
+
+    def spy(*args, input_size, **kwargs):
+        seen_sizes.append(input_size)
+        return {"accuracy": 0.5, "fold_accuracies": [0.5], "n_per_class": 40}
+    monkeypatch.setattr(predict, "classifier_two_sample_test", spy)
+    images, case_ids = blob_subjects(n_subjects=12, n_slices=4, size=128)
+    report = predict.realism_report(images[:40], images, images, case_ids, images[:8], images[:8], **TINY_BUDGET)
+    assert report["c2st"]["input_size"] == 128 and report["c2st_64"]["input_size"] == 64
+    assert sorted(set(seen_sizes)) == [64, 128] and len(seen_sizes) == 6  # each with both controls
+    report = predict.realism_report(images[:40], images, images, case_ids, images[:8], images[:8],
+                                    input_size=64, **TINY_BUDGET)
+    assert report["c2st"]["input_size"] == 64 and report["c2st_64"] is None
+    assert set(report["shape"]) >= {"samples", "test_real", "test_reconstructions"}

@@ -250,3 +250,43 @@ def test_prior_and_predict_before_training_say_which_command_to_run(tmp_path, mo
         with pytest.raises(SystemExit):
             main(["--data", str(tmp_path)])
         assert command in capsys.readouterr().err
+
+
+class TickingClock:
+    """Stands in for time.monotonic: every reading is one second after the last."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_a_time_budget_ends_the_run_early_with_the_lr_decayed_and_keeps_the_best_checkpoint(
+        tmp_path, tiny_demo, monkeypatch):
+    import utils
+    vqvae = train_tiny_vqvae(tmp_path, tiny_demo)
+    monkeypatch.setattr(utils.TimeBudget, "clock", staticmethod(TickingClock()))
+    # 8 training grids, batch 2: 4 steps an epoch, 80 planned; a step reads the clock once, so
+    # the budget of 60 ticking seconds fits about 50 of them
+    cfg, model_cfg = prior_configs(tmp_path, tiny_demo, vqvae, "--epochs", "20", "--minutes", "1",
+                                   "--warmup-steps", "2")
+    history = pixelcnn.train_prior(cfg, model_cfg, progress=False)
+    last = torch.load(tmp_path / "prior" / "pixelcnn_last.pt", weights_only=True)
+    best = torch.load(tmp_path / "prior" / "pixelcnn_best.pt", weights_only=True)
+    total = last["run"]["total_steps"]
+    assert 23 < total < 80 and last["run"]["step"] == total == history[-1]["step"]
+    assert last["scheduler"]["total_steps"] == total and history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert best["run"]["best"] == min(r["val_nll_bits"] for r in history)
+    assert best["run"]["step"] == min(history, key=lambda r: r["val_nll_bits"])["step"]
+
+
+def test_a_budget_spent_before_its_estimate_stops_at_the_next_step(tmp_path, tiny_demo, monkeypatch):
+    import utils
+    vqvae = train_tiny_vqvae(tmp_path, tiny_demo)
+    monkeypatch.setattr(utils.TimeBudget, "clock", staticmethod(TickingClock()))
+    cfg, model_cfg = prior_configs(tmp_path, tiny_demo, vqvae, "--epochs", "20", "--minutes", "0.25")
+    history = pixelcnn.train_prior(cfg, model_cfg, progress=False)
+    # 15 ticking seconds run out before the 20 timed steps: no estimate, a hard stop instead
+    assert history[-1]["step"] < 20 and len(history) == -(-history[-1]["step"] // 4)
