@@ -1,7 +1,7 @@
 """Models: the VQ-VAE (van den Oord et al. 2017, arXiv 1711.00937) and PixelCNN priors
 over its code indices (plain masked, and gated as in arXiv 1606.05328).
 
-This file holds only models (and the small classifier of the two-sample test): no I/O.
+This file holds only models: no I/O. (The two-sample test's classifier lives in realism.py.)
 """
 import math
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import opt
+from utils import opt, perplexity
 
 
 # ----------------------------------------------------------------------------- VQ-VAE
@@ -140,7 +140,7 @@ class VectorQuantizer(nn.Module):
             counts = one_hot.sum(0)
             probs = counts / counts.sum()
             stats = {
-                "perplexity": torch.exp(-(probs * torch.log(probs + 1e-10)).sum()).detach(),
+                "perplexity": perplexity(probs).detach(),
                 "codes_used": (counts > 0).sum().detach(),
                 "counts": counts.detach(),
             }
@@ -227,6 +227,9 @@ class VQVAE(nn.Module):
         """x in [0, 1], (B, C, H, W) -> (reconstruction logits, vq loss, indices, stats)."""
         z_q, vq_loss, indices, stats = self.quantizer(self.encoder(x))
         return self.decoder(z_q), vq_loss, indices, stats
+
+    # The hand-off to the prior: images to code indices, and code indices back to images.
+    # (utils.encode_all and utils.decode_all run them over a whole split in batches.)
 
     @torch.no_grad()
     def reconstruct(self, x):
@@ -500,27 +503,3 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
         if progress is not None:
             progress.update(1)
     return codes
-
-
-# ----------------------------------------------------------------------------- two-sample classifier
-
-C2ST_CHANNELS = (16, 32, 64, 64)
-
-
-class TwoSampleClassifier(nn.Module):
-    """Small and fixed on purpose: accuracies from different runs compare only if the judge
-    is the same. BatchNorm because without it, on tests/test_realism.py's synthetic slices
-    and budget, the classifier could not tell slices from their blurred copies (0.52; 0.96
-    with it)."""
-
-    def __init__(self, channels=C2ST_CHANNELS):
-        super().__init__()
-        layers, width = [], 1
-        for c in channels:
-            layers += [nn.Conv2d(width, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
-            width = c
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(width, 1)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))[:, 0]

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from dataset import DataError, load_split_tensor, resolve_data_root
-from modules import (VQVAE, PixelCNNConfig, VQVAEConfig, build_prior, rows_per_layer, rows_seen_above,
-                     sample_codes)
-from utils import (Ranks, RunState, WarmupCosine, benchmark, load_checkpoint, load_weights, make_adam, opt,
-                   parse_configs, pick_device, print_on_main, process_group, resolve_dtype, resume_run,
-                   rng_state, run_epochs, run_script, save_checkpoint, set_seed, synchronize,
-                   use_fast_math, wrap_for_ranks)
+from modules import PixelCNNConfig, build_prior, rows_per_layer, rows_seen_above, sample_codes
+from training import (EpochLosses, RunState, StopFlag, TimeBudget, WarmupCosine, apply_time_budget, checkpoint_due,
+                      checkpoint_payload, epoch_bar, epoch_order, image_size_of, load_vqvae, loss_line, my_batch,
+                      resume_run, save_checkpoint, steps_per_epoch, stop_requested, stopped)
+from utils import (Ranks, benchmark, encode_all, make_adam, opt, parse_configs, pick_device, print_on_main,
+                   process_group, resolve_dtype, run_script, set_seed, synchronize, use_fast_math, wrap_for_ranks)
 
 LN2 = math.log(2)
 
@@ -79,38 +79,13 @@ def default_preset(args):
     return "paper" if pick_device(args.device).type == "cuda" else "quick"
 
 
-def load_model(path, kind, build, made_by, device):
-    """A model rebuilt from its checkpoint alone, in eval mode, and the whole checkpoint."""
-    ckpt = load_checkpoint(path, kind, made_by=made_by)
-    model = build(ckpt["model_config"]).to(device)
-    load_weights(model, ckpt, path)
-    model.eval()
-    return model, ckpt
-
-
-def load_vqvae(path, device):
-    return load_model(path, "vqvae", lambda c: VQVAE(VQVAEConfig(**c)), "python train.py", device)
-
-
-def load_prior(path, device):
-    return load_model(path, "pixelcnn", lambda c: build_prior(PixelCNNConfig(**c)),
-                      "python pixelcnn.py", device)
-
-
-@torch.no_grad()
-def encode_to_indices(vqvae, images_u8, batch_size=64):
-    """uint8 (N, 1, H, W) -> long code indices (N, h, w) on the same device."""
-    return torch.cat([vqvae.encode_to_indices(images_u8[i:i + batch_size].float().div(255))
-                      for i in range(0, len(images_u8), batch_size)])
-
-
 def encode_split(vqvae, root, split, image_size, device, progress=True, flipped=False):
     """Code indices and slice positions of a split; with flipped, also the codes of every slice
     flipped top-bottom (None without)."""
     images_u8, slices = load_split_tensor(root, split, image_size, device, progress=progress)
     # Codes are not flip-equivariant: the flipped slice is encoded, not the flipped code grid.
-    flipped_codes = encode_to_indices(vqvae, images_u8.flip(2)) if flipped else None
-    return encode_to_indices(vqvae, images_u8), torch.as_tensor(slices.slice_idx, device=device), flipped_codes
+    flipped_codes = encode_all(vqvae, images_u8.flip(2)) if flipped else None
+    return encode_all(vqvae, images_u8), torch.as_tensor(slices.slice_idx, device=device), flipped_codes
 
 
 def frequency_entropy_bits(codes, num_codes):
@@ -183,7 +158,7 @@ def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
     use_fast_math(device, cfg.dtype)
     vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
-    image_size = vq_ckpt["train_config"]["image_size"]
+    image_size = image_size_of(vq_ckpt)
     model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
                                     grid_size=image_size // 2 ** vqvae.cfg.n_downsample)
     root = resolve_data_root(cfg.data)
@@ -196,64 +171,84 @@ def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
     baselines = {"uniform_bits": math.log2(model_cfg.num_codes),
                  "frequency_entropy_bits": frequency_entropy_bits(train_codes, model_cfg.num_codes)}
     say(f"codes: train {tuple(train_codes.shape)} | validate {tuple(val_codes.shape)} | "
-          f"baselines: uniform {baselines['uniform_bits']:.3f} bits, "
-          f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f} bits")
+        f"baselines: uniform {baselines['uniform_bits']:.3f} bits, "
+        f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f} bits")
 
     model = build_prior(model_cfg).to(device)
     say(f"{model_cfg.kind} PixelCNN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"conditioned on {'slice position' if model_cfg.n_conditions else 'nothing'}")
+        f"conditioned on {'slice position' if model_cfg.n_conditions else 'nothing'}")
     say(receptive_field_note(model_cfg))
     optimizer = make_adam(model.parameters(), cfg.lr, device)
-    steps_per_epoch = max(1, len(train_codes) // (cfg.batch_size * ranks.world))
-    scheduler = WarmupCosine(optimizer, cfg.warmup_steps, cfg.epochs * steps_per_epoch)
+    n_steps = steps_per_epoch(len(train_codes), cfg.batch_size, ranks)
+    scheduler = WarmupCosine(optimizer, cfg.warmup_steps, cfg.epochs * n_steps)
     last_path = Path(cfg.checkpoint_dir) / "pixelcnn_last.pt"
     best_path = Path(cfg.checkpoint_dir) / "pixelcnn_best.pt"
     state = RunState(best=math.inf)
     if cfg.resume:
         state = resume_run(last_path, "pixelcnn", "python pixelcnn.py", model, model_cfg, optimizer, scheduler)
-
     slice_counts = torch.bincount(train_slices.cpu(), minlength=max(model_cfg.n_conditions, 1))
 
-    def checkpoint():
-        return {"kind": "pixelcnn", "model": model.state_dict(),
-                "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                "grid": grid, "slice_counts": slice_counts, "baselines": baselines,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "run": dataclasses.asdict(state), "rng": rng_state()}
+    def save(path):
+        save_checkpoint(path, checkpoint_payload("pixelcnn", model, model_cfg, cfg, optimizer, scheduler, state,
+                                                 grid=grid, slice_counts=slice_counts, baselines=baselines))
 
     step = make_train_step(model, wrap_for_ranks(model, ranks, device), optimizer, scheduler,
                            cfg.dtype, device.type)
-
-    def train_step(batch_ids):
-        codes = train_codes[batch_ids]
-        if flipped_codes is not None:  # the draw comes from the saved torch RNG, so resume stays exact
-            flip = torch.rand(len(batch_ids), device=device) < 0.5
-            codes = torch.where(flip[:, None, None], flipped_codes[batch_ids], codes)
-        return step(codes, train_cond[batch_ids] if train_cond is not None else None)
-
+    budget = TimeBudget(cfg.minutes) if cfg.minutes > 0 else None
     started = time.time()
+    with stop or StopFlag() as stop:
+        for epoch in range(state.epoch, cfg.epochs):
+            if state.finished():
+                break
+            order = epoch_order(len(train_codes), cfg.seed, epoch).to(device)
+            losses = EpochLosses(state.step, device)
+            bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, progress, say)
+            for i in bar:
+                if state.finished():
+                    break
+                batch_ids = my_batch(order, i, cfg.batch_size, ranks)
+                codes = train_codes[batch_ids]
+                if flipped_codes is not None:  # the draw comes from the saved torch RNG, so resume stays exact
+                    flip = torch.rand(len(batch_ids), device=device) < 0.5
+                    codes = torch.where(flip[:, None, None], flipped_codes[batch_ids], codes)
+                step_loss = step(codes, train_cond[batch_ids] if train_cond is not None else None)
+                state.step, state.step_in_epoch = state.step + 1, i + 1
+                if budget is not None:
+                    total = apply_time_budget(budget, state, cfg.epochs * n_steps, device, ranks, write)
+                    if total is not None:  # the learning rate reaches zero where the run now ends
+                        scheduler.total_steps = total
+                losses.add(step_loss)
+                at_log_point = state.step % cfg.log_every == 0
+                if at_log_point:
+                    losses.check_finite()
+                    write(loss_line(state.step, step_loss, ranks))
+                stopping = stop_requested(stop, ranks, at_log_point, device)
+                if stopping or checkpoint_due(state.step, cfg.checkpoint_every):
+                    losses.check_finite()
+                    if ranks.main:
+                        save(last_path)
+                if stopping:
+                    raise stopped(stop, state.step, "python pixelcnn.py --resume (with the same flags)")
+            bar.close()
+            means = losses.means(ranks)
+            state.epoch, state.step_in_epoch = epoch + 1, 0
 
-    def end_epoch(epoch, means):
-        train_bits = means[0] / LN2 if means else float("nan")
-        val_bits = nll_bits(model, val_codes, val_cond, ranks=ranks)
-        record = {"epoch": epoch, "step": state.step, "lr": scheduler.get_last_lr()[0],
-                  "train_nll_bits": train_bits, "val_nll_bits": val_bits, "seconds": time.time() - started}
-        state.history.append(record)
-        say(f"epoch {epoch:3d} | train {train_bits:.3f} bits/code | validate {val_bits:.3f} bits/code "
-            f"| {record['seconds']:.0f}s")
-        if val_bits < state.best:
-            state.best = val_bits
+            # the epoch a time budget ends is validated like a whole one
+            train_bits = means[0] / LN2 if means else float("nan")
+            val_bits = nll_bits(model, val_codes, val_cond, ranks=ranks)
+            record = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
+                      "train_nll_bits": train_bits, "val_nll_bits": val_bits, "seconds": time.time() - started}
+            state.history.append(record)
+            say(f"epoch {epoch + 1:3d} | train {train_bits:.3f} bits/code | validate {val_bits:.3f} bits/code "
+                f"| {record['seconds']:.0f}s")
+            if val_bits < state.best:
+                state.best = val_bits
+                if ranks.main:
+                    save(best_path)
             if ranks.main:
-                save_checkpoint(best_path, checkpoint())
-
-    run_epochs(state, epochs=cfg.epochs, n_items=len(train_codes), batch_size=cfg.batch_size,
-               seed=cfg.seed, device=device, train_step=train_step, end_epoch=end_epoch,
-               save_last=lambda: save_checkpoint(last_path, checkpoint()), log_every=cfg.log_every,
-               checkpoint_every=cfg.checkpoint_every, stop=stop,
-               resume_command="python pixelcnn.py --resume (with the same flags)", show_progress=progress,
-               ranks=ranks, minutes=cfg.minutes, on_total_steps=lambda total: setattr(scheduler, "total_steps", total))
+                save(last_path)
     say(f"best validation NLL {state.best:.3f} bits/code (uniform {baselines['uniform_bits']:.3f}, "
-          f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f}) -> {best_path}")
+        f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f}) -> {best_path}")
     return state.history
 
 

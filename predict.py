@@ -26,20 +26,17 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from scipy.ndimage import gaussian_filter
-from scipy.spatial.distance import jensenshannon
-from scipy.stats import wasserstein_distance
 from tqdm import tqdm
 
-from dataset import (DARK_HOLE_LEVEL, FOREGROUND_THRESHOLD, DataError, dark_holes, demo_noise_free_split,
-                     load_split_tensor, outline_roughness, resolve_data_root)
-from modules import C2ST_CHANNELS, TwoSampleClassifier, sample_codes
-from pixelcnn import load_prior, load_vqvae
-from train import codebook_usage, progress_indices, reconstruct_all
-from utils import (die, image_grid, opt, parse_configs, pick_device, psnr_per_image, run_script,
-                   save_gray_png, set_seed, ssim_per_image, to_uint8)
+from dataset import DataError, load_split_tensor, resolve_data_root
+from demo import demo_noise_free_split
+from modules import sample_codes
+from realism import print_realism, realism_report
+from training import image_size_of, load_prior, load_vqvae
+from utils import (codebook_usage, decode_all, die, encode_all, image_grid, opt, parse_configs, pick_device,
+                   progress_indices, psnr_per_image, reconstruct_all, run_script, save_gray_png, set_seed,
+                   ssim_per_image, to_uint8, to_unit)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -78,7 +75,7 @@ class PredictConfig:
 
 
 def test_metrics(images_u8, recon):
-    x = images_u8.float().div(255).cpu()
+    x = to_unit(images_u8).cpu()
     ssim, psnr = ssim_per_image(x, recon), psnr_per_image(x, recon)
     return {"test_ssim_mean": float(ssim.mean()), "test_ssim_min": float(ssim.min()),
             "test_ssim_std": float(ssim.std()), "test_psnr_mean": float(psnr.mean())}
@@ -90,12 +87,12 @@ def noise_free_ssim(root, images_u8, image_size):
     twins = demo_noise_free_split(root, "test", image_size)
     if twins is None or twins.shape != tuple(images_u8.shape[:1] + images_u8.shape[2:]):
         return None
-    return float(ssim_per_image(images_u8.float().div(255).cpu(), torch.from_numpy(twins).float().div(255)).mean())
+    return float(ssim_per_image(to_unit(images_u8).cpu(), to_unit(torch.from_numpy(twins))).mean())
 
 
 def save_reconstruction_grid(images_u8, recon, path, count=8):
     ids = progress_indices(len(images_u8), count)
-    rows = torch.cat([images_u8[ids].float().div(255).cpu(), recon[ids]]).squeeze(1).numpy()
+    rows = torch.cat([to_unit(images_u8[ids]).cpu(), recon[ids]]).squeeze(1).numpy()
     save_gray_png(path, image_grid(rows, ncol=len(ids)))
 
 
@@ -134,8 +131,7 @@ def decode_samples(vqvae, prior, prior_ckpt, n, cond, sampling, seed, device):
     with tqdm(total=height, desc="sampling rows", leave=False) as bar:
         codes = sample_codes(prior, n, height, width, cond, generator=device_generator, progress=bar, **sampling)
     seconds = time.time() - started
-    images = torch.cat([vqvae.decode_indices(codes[i:i + 64]).cpu() for i in range(0, n, 64)])
-    return images, seconds
+    return decode_all(vqvae, codes), seconds
 
 
 def save_slice_sweep(vqvae, prior, prior_ckpt, frames, sampling, seed, device, path):
@@ -151,10 +147,8 @@ def save_slice_sweep(vqvae, prior, prior_ckpt, frames, sampling, seed, device, p
 
 def save_codebook_usage(vqvae, images_u8, path, batch_size=64):
     """Histogram of how often each code is used on the test split; returns (perplexity, codes used)."""
-    counts = torch.zeros(vqvae.cfg.num_codes, dtype=torch.long)
-    for i in range(0, len(images_u8), batch_size):
-        codes = vqvae.encode_to_indices(images_u8[i:i + batch_size].float().div(255))
-        counts += torch.bincount(codes.flatten().cpu(), minlength=vqvae.cfg.num_codes)
+    codes = encode_all(vqvae, images_u8, batch_size)
+    counts = torch.bincount(codes.flatten().cpu(), minlength=vqvae.cfg.num_codes)
     perplexity, used = codebook_usage(counts)
     fig, ax = plt.subplots(figsize=(8, 3.2))
     ax.bar(np.arange(len(counts)), np.sort(counts.numpy())[::-1], width=1.0)
@@ -169,7 +163,7 @@ def save_codebook_usage(vqvae, images_u8, path, batch_size=64):
 def save_code_maps(vqvae, images_u8, path, count=4):
     """For a few test slices: the input, its grid of code indices, and the decoding of that grid."""
     ids = progress_indices(len(images_u8), count)
-    x = images_u8[ids].float().div(255)
+    x = to_unit(images_u8[ids])
     codes = vqvae.encode_to_indices(x)
     decoded = vqvae.decode_indices(codes).cpu()
     fig, axes = plt.subplots(len(ids), 3, figsize=(7.5, 2.5 * len(ids)), squeeze=False)
@@ -237,401 +231,13 @@ def finish_figure(fig, axes, path):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- realism
-#
-# A classifier two-sample test (C2ST; Lopez-Paz & Oquab 2017): a small CNN learns to tell
-# generated slices from real ones, and its accuracy on held-out images is the verdict
-# (0.5 = indistinguishable). Two traps make such numbers lie, and both are closed here:
-# - a subject's 32 slices are near copies, so a classifier scored on slices of subjects
-#   it trained on recognises subjects (a plain 5-fold split scored 0.99 telling real
-#   slices from other real slices; split by subject, 0.47). Folds are grouped by subject;
-# - a classifier too weak to see anything also scores 0.5. Two controls run with the same
-#   classifier and budget every time, and the verdict counts only when both pass.
-
-# The real-vs-real control must land here, and the blurred-vs-real control at or above
-# the minimum, for the classifier's verdict on the prior to count.
-REAL_VS_REAL_RANGE = (0.35, 0.65)
-BLURRED_MIN_ACCURACY = 0.9
-# The blur the classifier must see: sigma 2 px on a 256 x 256 slice, scaled with the size.
-BLUR_SIGMA_AT_256 = 2.0
-# The coarse view reported beside the test at the model's image size.
-C2ST_COARSE_SIZE = 64
-HISTOGRAM_BINS = 64
-# skimage.metrics.structural_similarity's defaults: 7 x 7 uniform window, sample covariance.
-SSIM_WINDOW, SSIM_K1, SSIM_K2 = 7, 0.01, 0.03
-
-
-def c2st_architecture(input_size):
-    widths = "-".join(str(c) for c in C2ST_CHANNELS)
-    return (f"{input_size}x{input_size} input; {len(C2ST_CHANNELS)} x (conv 3x3 stride 2, BatchNorm, "
-            f"ReLU), channels {widths}; global average pool; linear -> 1 logit")
-
-
-def classifier_input(images, size):
-    """(N, 1, H, W) in [0, 1] -> float32, area-downsampled to size x size when larger."""
-    images = images.float()
-    if images.shape[-1] > size:
-        images = F.interpolate(images, size=(size, size), mode="area")
-    return images
-
-
-def group_k_fold(groups, n_folds, seed):
-    """Fold (0..n_folds-1) of every item, all items of a group in one fold.
-
-    Groups are shuffled with the seed, then placed largest first, each into the fold that
-    holds fewest items so far, so folds come out near equal in size."""
-    unique, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
-    if len(unique) < n_folds:
-        raise DataError(f"{len(unique)} subjects cannot fill {n_folds} folds; use fewer folds")
-    order = np.random.default_rng(seed).permutation(len(unique))
-    order = order[np.argsort(-counts[order], kind="stable")]
-    group_fold, sizes = np.empty(len(unique), dtype=np.int64), np.zeros(n_folds, dtype=np.int64)
-    for g in order:
-        group_fold[g] = int(np.argmin(sizes))
-        sizes[group_fold[g]] += counts[g]
-    return group_fold[inverse.reshape(-1)]
-
-
-def two_sample_folds(groups_a, groups_b, n_folds, seed):
-    """Folds of the items of sample a and of sample b, for a cross-validation that never
-    scores an item whose group (subject) it trained on.
-
-    groups_*: the group of each item, or an int count for independent draws (generated
-    slices), which are spread over the folds at random. Groups found in both samples (a
-    slice and its blurred copy) share one fold; otherwise each sample is spread over the
-    folds on its own, so every fold holds both classes in about their overall ratio."""
-    def independent(groups):
-        return isinstance(groups, (int, np.integer))
-
-    if not independent(groups_a) and not independent(groups_b) and np.intersect1d(groups_a, groups_b).size:
-        folds = group_k_fold(np.concatenate([groups_a, groups_b]), n_folds, seed)
-        return folds[:len(groups_a)], folds[len(groups_a):]
-    return tuple(group_k_fold(np.arange(groups) if independent(groups) else groups, n_folds, seed + salt)
-                 for salt, groups in enumerate((groups_a, groups_b)))
-
-
-def fold_splits(folds):
-    """[(train indices, test indices)] for each fold number in `folds`."""
-    return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in np.unique(folds)]
-
-
-def balanced_accuracy(predicted, labels):
-    """Mean of the per-class accuracies: 0.5 for a guess even when a fold is lopsided."""
-    return float(np.mean([(predicted[labels == c] == c).mean() for c in (0, 1)]))
-
-
-def train_and_score(train_x, train_y, test_x, test_y, *, epochs, lr, batch_size, seed):
-    """Train a fresh TwoSampleClassifier and return its balanced accuracy on the test items.
-    Seeded without touching the global random state."""
-    device = train_x.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        model = TwoSampleClassifier().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    order_rng = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(train_x), generator=order_rng).to(device)
-        for start in range(0, len(order), batch_size):
-            ids = order[start:start + batch_size]
-            loss = F.binary_cross_entropy_with_logits(model(train_x[ids]), train_y[ids])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([model(test_x[i:i + 256]) > 0 for i in range(0, len(test_x), 256)])
-    return balanced_accuracy(predicted.long().cpu().numpy(), test_y.long().cpu().numpy())
-
-
-def classifier_two_sample_test(images_a, images_b, groups_a, groups_b, *, n_folds=5, epochs=20,
-                               lr=1e-3, batch_size=32, seed=0, device="cpu", input_size=C2ST_COARSE_SIZE):
-    """Cross-validated balanced accuracy of TwoSampleClassifier telling a (label 0) from b
-    (label 1); 0.5 = indistinguishable.
-
-    images_*: (N, 1, H, W) in [0, 1]; groups_*: each image's subject, or None for
-    independent draws (see two_sample_folds). The larger sample is cut, at random, to the
-    size of the smaller so the classes are balanced; the same seed gives the same number."""
-    rng = np.random.default_rng(seed)
-    n = min(len(images_a), len(images_b))
-    keep_a, keep_b = (random_subset(len(x), n, rng) for x in (images_a, images_b))
-    groups = [np.asarray(g)[k] if g is not None else n for g, k in ((groups_a, keep_a), (groups_b, keep_b))]
-    folds_a, folds_b = two_sample_folds(*groups, n_folds, seed)
-    device = torch.device(device)
-    x = classifier_input(torch.cat([images_a[keep_a], images_b[keep_b]]), input_size).to(device)
-    y = torch.cat([torch.zeros(n), torch.ones(n)]).to(device)
-    splits = fold_splits(np.concatenate([folds_a, folds_b]))
-    accuracies = [train_and_score(x[train], y[train], x[test], y[test], epochs=epochs, lr=lr,
-                                  batch_size=batch_size, seed=seed * 1000 + k)
-                  for k, (train, test) in enumerate(tqdm(splits, desc=f"two-sample test at {x.shape[-1]} px",
-                                                         unit="fold", leave=False))]
-    subjects = [len(np.unique(g)) if not isinstance(g, int) else None for g in groups]
-    return {"accuracy": float(np.mean(accuracies)), "fold_accuracies": accuracies,
-            "accuracy_kind": "balanced (mean of per-class accuracies) on held-out folds",
-            "architecture": c2st_architecture(x.shape[-1]), "n_per_class": n,
-            "n_subjects": {"a": subjects[0], "b": subjects[1]}, "n_folds": n_folds,
-            "folds_grouped_by": "subject (case id); independent draws assigned at random",
-            "budget": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": "Adam"},
-            "seed": seed}
-
-
-def random_subset(n_items, n, rng):
-    """Sorted indices of n of n_items items drawn without replacement (all when n >= n_items)."""
-    return np.sort(rng.permutation(n_items)[:n])
-
-
-def real_vs_real_control(images, case_ids, n_per_class, *, seed=0, **c2st):
-    """C2ST between two disjoint halves of the subjects; it should score about 0.5."""
-    rng = np.random.default_rng(seed)
-    subjects = rng.permutation(np.unique(case_ids))
-    in_a = np.isin(case_ids, subjects[:len(subjects) // 2])
-    sides = []
-    for side in (np.flatnonzero(in_a), np.flatnonzero(~in_a)):
-        sides.append(side[random_subset(len(side), n_per_class, rng)])
-    a, b = sides
-    return classifier_two_sample_test(images[a], images[b], case_ids[a], case_ids[b], seed=seed, **c2st)
-
-
-def blur_sigma(image_size):
-    return BLUR_SIGMA_AT_256 * image_size / 256
-
-
-def gaussian_blur(images, sigma):
-    """(N, 1, H, W) tensor -> the same, each image blurred in-plane with a Gaussian of sigma px."""
-    blurred = gaussian_filter(images.float().cpu().numpy(), sigma=(0, 0, sigma, sigma))
-    return torch.from_numpy(blurred)
-
-
-def blurred_vs_real_control(images, case_ids, n_per_class, *, sigma, seed=0, **c2st):
-    """C2ST between slices and their blurred copies; it should score near 1.0. A slice and its
-    copy share the subject's fold."""
-    picked = random_subset(len(images), n_per_class, np.random.default_rng(seed))
-    real = images[picked]
-    result = classifier_two_sample_test(real, gaussian_blur(real, sigma), case_ids[picked],
-                                        case_ids[picked], seed=seed, **c2st)
-    return {**result, "blur_sigma_px": sigma}
-
-
-def controls_pass(real_vs_real_accuracy, blurred_accuracy):
-    low, high = REAL_VS_REAL_RANGE
-    return bool(low <= real_vs_real_accuracy <= high and blurred_accuracy >= BLURRED_MIN_ACCURACY)
-
-
-def _window_means(x, out=None, scratch=None):
-    """(N, H, W) -> the mean over every SSIM window that fits inside the image, (N, H-6, W-6),
-    into `out` when given (`scratch`: (N, H, W-6)). Shifted in-place sums: on a CPU they run
-    about 3x faster than avg_pool2d, and this loop is where --realism spends its SSIM time."""
-    n, height, width = x.shape
-    k, h, w = SSIM_WINDOW, height - SSIM_WINDOW + 1, width - SSIM_WINDOW + 1
-    rows = x.new_empty(n, height, w) if scratch is None else scratch
-    torch.add(x[:, :, :w], x[:, :, 1:w + 1], out=rows)
-    for shift in range(2, k):
-        rows += x[:, :, shift:shift + w]
-    out = x.new_empty(n, h, w) if out is None else out
-    torch.add(rows[:, :h], rows[:, 1:h + 1], out=out)
-    for shift in range(2, k):
-        out += rows[:, shift:shift + h]
-    return out.div_(k * k)
-
-
-@torch.no_grad()
-def ssim_matrix(queries, references, chunk=32, device="cpu"):
-    """SSIM of every query against every reference: (Q, R) float64 numpy.
-
-    The number skimage.metrics.structural_similarity(q, r, data_range=1.0) gives (to 1e-10),
-    batched: one skimage call costs 1.7 ms at 128 x 128 here, 15 minutes for 256 samples
-    against 2,000 slices. skimage filters with a 7 x 7 window and then drops a 3-pixel
-    border, which leaves exactly the windows that fit inside the image, as here. Small
-    reference chunks stay in cache. Inputs: (N, 1, H, W) or (N, H, W) in [0, 1]."""
-    def prepare(x):
-        x = torch.as_tensor(x).to(device=device, dtype=torch.float64).clamp(0, 1)
-        return x[:, 0] if x.dim() == 4 else x
-
-    queries = prepare(queries)
-    cov_norm = SSIM_WINDOW ** 2 / (SSIM_WINDOW ** 2 - 1)
-    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2  # data_range 1.0
-    mean_q = _window_means(queries)
-    var_q = cov_norm * (_window_means(queries * queries) - mean_q ** 2)
-    square_mean_q = mean_q ** 2
-    result = torch.empty(len(queries), len(references), dtype=torch.float64)
-    for start in range(0, len(references), chunk):
-        refs = prepare(references[start:start + chunk])
-        mean_r = _window_means(refs)
-        var_r_c2 = cov_norm * (_window_means(refs * refs) - mean_r ** 2) + c2
-        square_mean_r_c1 = mean_r ** 2 + c1
-        product, scratch = torch.empty_like(refs), refs.new_empty(refs.shape[:2] + mean_r.shape[2:])
-        ssim, denominator = torch.empty_like(mean_r), torch.empty_like(mean_r)
-        for i, query in enumerate(queries):
-            # S = (2 mu_q mu_r + C1)(2 cov + C2) / ((mu_q^2 + mu_r^2 + C1)(var_q + var_r + C2)),
-            # in place in preallocated buffers
-            torch.mul(refs, query, out=product)
-            _window_means(product, out=ssim, scratch=scratch)
-            ssim.addcmul_(mean_r, mean_q[i], value=-1).mul_(2 * cov_norm).add_(c2)
-            ssim.mul_(torch.mul(mean_r, mean_q[i], out=denominator).mul_(2).add_(c1))
-            ssim.div_(torch.add(square_mean_r_c1, square_mean_q[i], out=denominator))
-            ssim.div_(torch.add(var_r_c2, var_q[i], out=denominator))
-            result[i, start:start + len(refs)] = ssim.mean(dim=(1, 2)).cpu()
-    return result.numpy()
-
-
-def nearest_neighbour_ssim(queries, references, device="cpu"):
-    """Each query's highest SSIM against any reference: (Q,) numpy. 1.0 = an exact copy."""
-    return ssim_matrix(queries, references, device=device).max(axis=1)
-
-
-def intensity_histogram(images, bins=HISTOGRAM_BINS):
-    counts, _ = np.histogram(torch.as_tensor(images).float().clamp(0, 1).cpu().numpy(),
-                             bins=bins, range=(0.0, 1.0))
-    return counts / counts.sum()
-
-
-def brain_area_fractions(images):
-    """Fraction of each image above dataset.FOREGROUND_THRESHOLD: (N,) numpy."""
-    images = torch.as_tensor(images).float()
-    return (images > FOREGROUND_THRESHOLD).flatten(1).float().mean(dim=1).cpu().numpy()
-
-
-def distribution_distances(images, reference, bins=HISTOGRAM_BINS):
-    """How far the pooled pixel-intensity histogram and the per-image brain-area
-    distribution of `images` lie from those of `reference` (0 = the same)."""
-    p, q = intensity_histogram(images, bins), intensity_histogram(reference, bins)
-    area, reference_area = brain_area_fractions(images), brain_area_fractions(reference)
-    return {"histogram_l1": float(np.abs(p - q).sum()),
-            "histogram_jensen_shannon": float(jensenshannon(p, q, base=2)),
-            "brain_area_wasserstein": float(wasserstein_distance(area, reference_area)),
-            "brain_area_mean": float(area.mean()), "reference_brain_area_mean": float(reference_area.mean())}
-
-
-def _nn_summary(values):
-    return {"mean": float(values.mean()), "max": float(values.max()), "n": int(len(values))}
-
-
-def judged_c2st(samples, train_recon, train_case_ids, *, input_size, seed, **c2st_args):
-    """The C2ST of samples against reconstructed train slices at one input size, with both
-    controls run by the same classifier and budget, and whether the controls pass."""
-    c2st = classifier_two_sample_test(samples, train_recon, None, train_case_ids, seed=seed,
-                                      input_size=input_size, **c2st_args)
-    c2st["sides"] = {"a": "generated", "b": "VQ-VAE reconstructions of train slices"}
-    n = c2st["n_per_class"]
-    real_vs_real = real_vs_real_control(train_recon, train_case_ids, n, seed=seed, input_size=input_size,
-                                        **c2st_args)
-    blurred = blurred_vs_real_control(train_recon, train_case_ids, n, sigma=blur_sigma(samples.shape[-1]),
-                                      seed=seed, input_size=input_size, **c2st_args)
-    passed = controls_pass(real_vs_real["accuracy"], blurred["accuracy"])
-    return {**c2st, "input_size": int(input_size), "valid": passed,
-            "controls": {"real_vs_real": real_vs_real, "blurred_vs_real": blurred,
-                         "images": "VQ-VAE reconstructions of train slices",
-                         "real_vs_real_range": list(REAL_VS_REAL_RANGE),
-                         "blurred_min_accuracy": BLURRED_MIN_ACCURACY}}
-
-
-def as_uint8(images):
-    """(N, 1, H, W) in [0, 1] -> (N, H, W) uint8, as the images are saved."""
-    return to_uint8(torch.as_tensor(images).float().squeeze(1).cpu().numpy())
-
-
-def shape_figures(images_by_name):
-    """What a person sees at a glance, per image: how ragged the head's outline is and how many
-    black holes lie inside it (dataset.outline_roughness, dataset.dark_holes)."""
-    figures = {}
-    for name, images in images_by_name.items():
-        images = as_uint8(images)
-        roughness, holes = outline_roughness(images), dark_holes(images)
-        roughness = roughness[np.isfinite(roughness)]
-        figures[name] = {"outline_roughness_mean": float(roughness.mean()) if roughness.size else None,
-                         "outline_roughness_std": float(roughness.std()) if roughness.size else None,
-                         "hole_rate": float((holes > 0).mean()), "holes_per_image": float(holes.mean()),
-                         "n": int(len(images))}
-    return {**figures, "hole_definition": f"a region darker than {DARK_HOLE_LEVEL} of full scale inside the "
-                                          "head, away from its rim, of 40 px or more at 256x256 (scaled)",
-            "roughness_definition": "perimeter / sqrt(area) of the non-black region; about 3.2 for a disc"}
-
-
-def realism_report(samples, train_images, train_recon, train_case_ids, test_images, test_recon, *,
-                   n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0, device="cpu",
-                   input_size=0):
-    """Every realism figure for `samples` (all image tensors (N, 1, H, W) in [0, 1]).
-
-    The C2ST and both controls judge VQ-VAE reconstructions of the train split, so the
-    decoder is the same on both sides and only the prior is judged: at input_size (0 = the
-    images' own size) and at the coarse 64 px view. Nearest-neighbour SSIM and the
-    distribution distances compare against the real train slices."""
-    started = time.time()
-    train_case_ids = np.asarray(train_case_ids)
-    if len(np.unique(train_case_ids)) < 2 * n_folds:
-        raise DataError(f"--realism needs at least {2 * n_folds} training subjects for {n_folds} "
-                        f"folds on each half of the real-vs-real control; found "
-                        f"{len(np.unique(train_case_ids))}")
-    c2st_args = {"n_folds": n_folds, "epochs": epochs, "lr": lr, "batch_size": batch_size, "device": device}
-    size = min(input_size or samples.shape[-1], samples.shape[-1])
-    c2st = judged_c2st(samples, train_recon, train_case_ids, input_size=size, seed=seed, **c2st_args)
-    coarse = None
-    if size > C2ST_COARSE_SIZE:
-        coarse = judged_c2st(samples, train_recon, train_case_ids, input_size=C2ST_COARSE_SIZE, seed=seed,
-                             **c2st_args)
-    c2st_seconds = time.time() - started
-
-    references = train_images
-    if nn_train and nn_train < len(train_images):
-        references = train_images[random_subset(len(train_images), nn_train, np.random.default_rng(seed))]
-    nn_ssim = {"samples": _nn_summary(nearest_neighbour_ssim(samples, references, device)),
-               "test_real": _nn_summary(nearest_neighbour_ssim(test_images, references, device)),
-               "test_reconstructions": _nn_summary(nearest_neighbour_ssim(test_recon, references, device)),
-               "n_train_compared": len(references), "image_size": int(samples.shape[-1]),
-               "statistic": "per image, the max SSIM against every compared train slice (skimage "
-                            "structural_similarity, data_range=1.0); mean and max over images"}
-    return {
-        "c2st": c2st,
-        "c2st_valid": c2st["valid"],
-        "controls_pass": c2st["valid"],
-        "controls": c2st["controls"],
-        "c2st_64": coarse,
-        "nn_ssim": nn_ssim,
-        "shape": shape_figures({"samples": samples, "test_real": test_images, "test_reconstructions": test_recon}),
-        "distances": {"reference": "real train slices",
-                      "samples": distribution_distances(samples, train_images),
-                      "test_real": distribution_distances(test_images, train_images),
-                      "test_reconstructions": distribution_distances(test_recon, train_images),
-                      "bins": HISTOGRAM_BINS, "foreground_threshold": FOREGROUND_THRESHOLD},
-        "n_samples": len(samples), "seed": seed,
-        "seconds": {"c2st_and_controls": c2st_seconds, "total": time.time() - started},
-    }
-
-
-def _c2st_line(c2st):
-    controls = c2st["controls"]
-    verdict = "valid" if c2st["valid"] else "NOT VALID (controls failed)"
-    return (f"C2ST at {c2st['input_size']} px, generated vs reconstructed real: {c2st['accuracy']:.3f} "
-            f"(0.5 = indistinguishable; folds {', '.join(f'{a:.2f}' for a in c2st['fold_accuracies'])}) | "
-            f"controls: real vs real {controls['real_vs_real']['accuracy']:.3f}, blurred vs real "
-            f"{controls['blurred_vs_real']['accuracy']:.3f} -> {verdict}")
-
-
-def print_realism(report):
-    for c2st in (report["c2st"], report["c2st_64"]):
-        if c2st is not None:
-            print(_c2st_line(c2st))
-    nn_ssim = report["nn_ssim"]
-    print("nearest-neighbour SSIM to train (mean / max): " + " | ".join(
-        f"{name} {nn_ssim[name]['mean']:.3f} / {nn_ssim[name]['max']:.3f}"
-        for name in ("samples", "test_real", "test_reconstructions")))
-    d = report["distances"]
-    print("vs real train slices, histogram JS / brain-area W1: " + " | ".join(
-        f"{name} {d[name]['histogram_jensen_shannon']:.4f} / {d[name]['brain_area_wasserstein']:.4f}"
-        for name in ("samples", "test_real", "test_reconstructions")))
-    shape = report["shape"]
-    print("outline roughness / images with a black hole: " + " | ".join(
-        f"{name} {shape[name]['outline_roughness_mean']:.2f} / {shape[name]['hole_rate']:.1%}"
-        for name in ("samples", "test_real", "test_reconstructions")))
-
-
 def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, root, image_size, test_u8, test_recon, device):
     train_u8, train_set = load_split_tensor(root, "train", image_size, device)
     train_recon = reconstruct_all(vqvae, train_u8)
     samples, _ = generate(vqvae, prior, prior_ckpt, cfg.realism_samples, cfg.slice, sampling_settings(cfg),
                           cfg.seed, device)
-    report = realism_report(samples, train_u8.float().div(255).cpu(), train_recon, train_set.case_ids,
-                            test_u8.float().div(255).cpu(), test_recon, n_folds=cfg.realism_folds,
+    report = realism_report(samples, to_unit(train_u8).cpu(), train_recon, train_set.case_ids,
+                            to_unit(test_u8).cpu(), test_recon, n_folds=cfg.realism_folds,
                             epochs=cfg.realism_epochs, lr=cfg.realism_lr, batch_size=cfg.realism_batch_size,
                             nn_train=cfg.realism_nn_train, seed=cfg.seed, device=device,
                             input_size=cfg.realism_size)
@@ -647,7 +253,7 @@ def predict(cfg: PredictConfig):
     out_dir = Path(cfg.out_dir)
     vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
     prior, prior_ckpt = (None, None) if cfg.reconstruction_only else load_prior(cfg.prior, device)
-    image_size = vq_ckpt["train_config"]["image_size"]
+    image_size = image_size_of(vq_ckpt)
     root = resolve_data_root(cfg.data)
     test_u8, test_set = load_split_tensor(root, "test", image_size, device)
 

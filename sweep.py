@@ -9,6 +9,9 @@ slug of its flags (recon-loss-mse, no-ema, default). Runs finished with the same
 reused and interrupted ones resumed, so running the same command again loses nothing.
 Writes out/sweep/results.md and results.json ranked by best validation SSIM and prints the
 predict.py command that scores the winner on the test split once; the sweep never reads it.
+
+The one script that imports another: the sweep drives train.py's own parse_args and train()
+in-process (so a run is exactly `python train.py FLAGS`, and tests replace train.train).
 """
 import contextlib
 import dataclasses
@@ -20,8 +23,8 @@ import sys
 from pathlib import Path
 
 import train
-from utils import (HelpFormatter, NonFiniteLoss, OneLineErrorParser, die, load_checkpoint, pick_device, resolve_dtype,
-                   run_script)
+from training import NonFiniteLoss, load_checkpoint
+from utils import HelpFormatter, OneLineErrorParser, die, pick_device, resolve_dtype, run_script
 
 OWN_FLAGS = {"--runs", "--file", "--common", "--out-dir", "--checkpoint-root", "-h", "--help"}
 # Where a run is written and how often it logs or saves do not change what it learns.

@@ -24,10 +24,12 @@ import torch.nn.functional as F
 
 from dataset import cases_in_several_splits, load_split_tensor, resolve_data_root
 from modules import VQVAE, VQVAEConfig
-from utils import (Ranks, RunState, benchmark, epoch_order, image_grid, make_adam,
-                   make_scheduler, opt, parse_configs, pick_device, print_on_main, process_group, resolve_dtype,
-                   resume_run, rng_state, run_epochs, run_script, save_checkpoint, save_gray_png, set_seed,
-                   ssim_per_image, use_fast_math, wrap_for_ranks)
+from training import (EpochLosses, RunState, StopFlag, checkpoint_due, checkpoint_payload, epoch_bar, epoch_order,
+                      loss_line, make_scheduler, my_batch, resume_run, save_checkpoint, steps_per_epoch, stop_requested,
+                      stopped)
+from utils import (Ranks, benchmark, codebook_usage, image_grid, make_adam, opt, parse_configs, pick_device,
+                   print_on_main, process_group, progress_indices, reconstruct_all, resolve_dtype, run_script,
+                   save_gray_png, set_seed, ssim_per_image, to_unit, unit_batches, use_fast_math, wrap_for_ranks)
 
 
 @dataclass
@@ -93,23 +95,6 @@ def warn_about_leaking_cases(root):
               f"near copies, so validation and test scores will be optimistic", file=sys.stderr)
 
 
-def progress_indices(n, count=8):
-    """A fixed spread of validation images for the per-epoch grid."""
-    return np.linspace(0, n - 1, num=min(count, n)).round().astype(int).tolist()
-
-
-def batches(images_u8, batch_size):
-    for start in range(0, images_u8.shape[0], batch_size):
-        yield images_u8[start:start + batch_size].float().div_(255)
-
-
-@torch.no_grad()
-def reconstruct_all(model, images_u8, batch_size=64):
-    """uint8 (N, 1, H, W) on the model's device -> float reconstructions on the CPU."""
-    model.eval()
-    return torch.cat([model.reconstruct(x).cpu() for x in batches(images_u8, batch_size)])
-
-
 def evaluate(model, images_u8, batch_size=64, ranks=None):
     """Mean SSIM and per-code counts over a held-out split (shared out among processes)."""
     ranks = ranks or Ranks()
@@ -117,21 +102,15 @@ def evaluate(model, images_u8, batch_size=64, ranks=None):
     model.eval()
     recons, counts = [], torch.zeros(model.cfg.num_codes, dtype=torch.long)
     with torch.no_grad():
-        for x in batches(mine, batch_size):
+        for x in unit_batches(mine, batch_size):
             logits, _, indices, _ = model(x)
             recons.append(torch.sigmoid(logits).float().cpu())
             counts += torch.bincount(indices.flatten().cpu(), minlength=model.cfg.num_codes)
-    ssim = ssim_per_image(mine.float().div(255).cpu(), torch.cat(recons)) if len(mine) else np.zeros(0)
+    ssim = ssim_per_image(to_unit(mine).cpu(), torch.cat(recons)) if len(mine) else np.zeros(0)
     device = images_u8.device
     total = ranks.sum(torch.tensor([ssim.sum(), len(ssim)], dtype=torch.float64, device=device))
     counts = ranks.sum(counts.to(device)).cpu()
     return float(total[0] / total[1]), counts
-
-
-def codebook_usage(counts):
-    probs = counts.double() / max(int(counts.sum()), 1)
-    perplexity = float(torch.exp(-(probs * torch.log(probs + 1e-12)).sum()))
-    return perplexity, int((counts > 0).sum())
 
 
 def reconstruction_loss(logits, x, kind):
@@ -181,15 +160,11 @@ def setup_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_tr
     if cfg.compile:
         forward = torch.compile(forward)
     optimizer = make_adam([p for p in model.parameters() if p.requires_grad], cfg.lr, device)
-    steps_per_epoch = max(1, n_train // (cfg.batch_size * ranks.world))
-    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, cfg.epochs * steps_per_epoch)
+    total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, ranks)
+    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, total_steps)
     counts = torch.zeros(model_cfg.num_codes, dtype=torch.long, device=device)
     step = make_train_step(model, forward, optimizer, scheduler, cfg, device, counts)
     return model, optimizer, scheduler, step, counts
-
-
-def to_float(images_u8):
-    return images_u8.float().div_(255)
 
 
 def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
@@ -226,51 +201,63 @@ def train_on(cfg, model_cfg, ranks, device, progress, stop):
         for old_frame in Path(cfg.progress_dir).glob("epoch_*.png"):
             old_frame.unlink()
 
-    def checkpoint():
-        return {"kind": "vqvae", "model": model.state_dict(),
-                "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "run": dataclasses.asdict(state), "rng": rng_state()}
-
-    def train_step(batch_ids):
-        return step(to_float(train_u8[batch_ids]))
-
-    def codebook_since_last_log():
-        perplexity, used = codebook_usage(ranks.sum(counts.clone()).cpu())
-        counts.zero_()
-        return f"perplexity {perplexity:.1f} | codes used {used}/{model_cfg.num_codes}"
+    def save(path):
+        save_checkpoint(path, checkpoint_payload("vqvae", model, model_cfg, cfg, optimizer, scheduler, state))
 
     grid_ids = progress_indices(len(val_u8))
+    n_steps = steps_per_epoch(len(train_u8), cfg.batch_size, ranks)
     started = time.time()
+    with stop or StopFlag() as stop:
+        for epoch in range(state.epoch, cfg.epochs):
+            order = epoch_order(len(train_u8), cfg.seed, epoch).to(device)
+            losses = EpochLosses(state.step, device)
+            bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, progress, say)
+            for i in bar:
+                step_losses = step(to_unit(train_u8[my_batch(order, i, cfg.batch_size, ranks)]))
+                state.step, state.step_in_epoch = state.step + 1, i + 1
+                losses.add(step_losses)
+                at_log_point = state.step % cfg.log_every == 0
+                if at_log_point:
+                    losses.check_finite()
+                    write(loss_line(state.step, step_losses, ranks) + " | " + codebook_since_last_log(counts, ranks))
+                stopping = stop_requested(stop, ranks, at_log_point, device)
+                if stopping or checkpoint_due(state.step, cfg.checkpoint_every):
+                    losses.check_finite()
+                    if ranks.main:
+                        save(last_path)
+                if stopping:
+                    raise stopped(stop, state.step, "python train.py --resume (with the same flags)")
+            bar.close()
+            train_loss, train_recon, train_vq = losses.means(ranks) or [float("nan")] * 3
+            state.epoch, state.step_in_epoch = epoch + 1, 0
 
-    def end_epoch(epoch, means):
-        train_loss, train_recon, train_vq = means or [float("nan")] * 3
-        val_ssim, val_counts = evaluate(model, val_u8, ranks=ranks)
-        perplexity, used = codebook_usage(val_counts)
-        record = {"epoch": epoch, "step": state.step, "lr": scheduler.get_last_lr()[0],
-                  "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
-                  "val_ssim": val_ssim, "val_perplexity": perplexity, "val_codes_used": used,
-                  "seconds": time.time() - started}
-        state.history.append(record)
-        say(f"epoch {epoch:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
-            f"| val SSIM {val_ssim:.4f} | perplexity {perplexity:.1f} | codes {used}/{model_cfg.num_codes} "
-            f"| {record['seconds']:.0f}s")
-        if ranks.main:
-            save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch:03d}.png")
-        if val_ssim > state.best:  # every process holds the same all-reduced figure
-            state.best = val_ssim
+            val_ssim, val_counts = evaluate(model, val_u8, ranks=ranks)
+            perplexity, used = codebook_usage(val_counts)
+            record = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
+                      "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
+                      "val_ssim": val_ssim, "val_perplexity": perplexity, "val_codes_used": used,
+                      "seconds": time.time() - started}
+            state.history.append(record)
+            say(f"epoch {epoch + 1:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
+                f"| val SSIM {val_ssim:.4f} | perplexity {perplexity:.1f} | codes {used}/{model_cfg.num_codes} "
+                f"| {record['seconds']:.0f}s")
             if ranks.main:
-                save_checkpoint(best_path, checkpoint())
-
-    run_epochs(state, epochs=cfg.epochs, n_items=len(train_u8), batch_size=cfg.batch_size,
-               seed=cfg.seed, device=device, train_step=train_step, end_epoch=end_epoch,
-               save_last=lambda: save_checkpoint(last_path, checkpoint()),
-               on_log=codebook_since_last_log, log_every=cfg.log_every,
-               checkpoint_every=cfg.checkpoint_every, stop=stop,
-               resume_command="python train.py --resume (with the same flags)", show_progress=progress,
-               ranks=ranks)
+                save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch + 1:03d}.png")
+            if val_ssim > state.best:  # every process holds the same all-reduced figure
+                state.best = val_ssim
+                if ranks.main:
+                    save(best_path)
+            if ranks.main:
+                save(last_path)
     say(f"best validation SSIM {state.best:.4f} -> {best_path}")
     return state.history
+
+
+def codebook_since_last_log(counts, ranks):
+    """Perplexity and codes used over the training steps since the last log line."""
+    perplexity, used = codebook_usage(ranks.sum(counts.clone()).cpu())
+    counts.zero_()
+    return f"perplexity {perplexity:.1f} | codes used {used}/{len(counts)}"
 
 
 def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig):
@@ -301,13 +288,13 @@ def resident_batches(images_u8, batch_size, seed, device):
         if position + batch_size > len(images_u8):
             order, position = epoch_order(len(images_u8), seed, next(epoch)).to(device), 0
         position += batch_size
-        return to_float(images_u8[order[position - batch_size:position]])
+        return to_unit(images_u8[order[position - batch_size:position]])
 
     return next_batch
 
 
 def stack_as_float(items):
-    return to_float(torch.stack([x for (x,) in items]))
+    return to_unit(torch.stack([x for (x,) in items]))
 
 
 def loader_batches(images_u8, batch_size, seed, device):
@@ -335,7 +322,7 @@ def loader_batches(images_u8, batch_size, seed, device):
 def save_progress_grid(model, images_u8, path):
     """Top row: validation inputs; bottom row: their reconstructions."""
     recon = reconstruct_all(model, images_u8)
-    inputs = images_u8.float().div(255).cpu()
+    inputs = to_unit(images_u8).cpu()
     save_gray_png(path, image_grid(torch.cat([inputs, recon]).squeeze(1).numpy(), ncol=len(images_u8)))
 
 

@@ -1,13 +1,11 @@
-"""Pieces every script shares: config flags, seeding, device, checkpoints, metrics, image grids."""
+"""Pieces every script shares: config flags, seeding, device, several processes, benchmarks,
+metrics, batches through the model, image grids. (Training runs and checkpoints: training.py.)"""
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import random
-import signal
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -16,11 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from tqdm import tqdm
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or of the wrong kind; one-line message."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -102,6 +95,7 @@ def die(message):
 def run_script(work, batch_size=None):
     """Run a script's work, turning expected failures into one-line errors (exit 2)."""
     from dataset import DataError  # here, not at the top: dataset.py needs nothing from us
+    from training import CheckpointError, NonFiniteLoss  # training.py builds on this module
     try:
         return work()
     except (DataError, CheckpointError, NonFiniteLoss) as err:
@@ -234,317 +228,6 @@ def print_on_main(ranks):
     return print if ranks.main else (lambda *args, **kwargs: None)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, payload):
-    """Write atomically: a kill mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path, kind, made_by=None):
-    """Load one of our checkpoints (weights only, never pickled code) and check its kind."""
-    path = Path(path)
-    if not path.is_file():
-        hint = f"; run `{made_by}` first" if made_by else ""
-        raise CheckpointError(f"checkpoint {path} not found{hint}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != kind:
-        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{path} is not a {kind} checkpoint of this project (found {found!r})")
-    return payload
-
-
-def load_weights(model, ckpt, path):
-    """Weights into a model built from the checkpoint's config; a checkpoint whose tensors do
-    not fit (written by an older version of a model) gets a one-line error."""
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        detail = str(err).strip().splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise CheckpointError(f"{path} does not fit this version's {ckpt['kind']} model ({detail}); "
-                              f"train it again") from None
-
-
-def check_same_config(path, saved, config):
-    """Refuse to resume into a model built differently, naming what differs."""
-    wanted = dataclasses.asdict(config)
-    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in changed)
-        raise CheckpointError(f"{path} was built with other settings ({details})")
-
-
-# ----------------------------------------------------------------------------- training
-
-class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite; nothing was saved from that point on."""
-
-
-class StopFlag:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step."""
-
-    def __init__(self):
-        self.signal = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": numpy_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def numpy_rng_state():
-    # As tensors and plain values, so that weights_only loading accepts them.
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def restore_rng_state(state):
-    random.setstate(_as_tuples(state["python"]))
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(value):
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def epoch_order(n, seed, epoch):
-    """The shuffled order of one epoch. It depends only on (seed, epoch), so a resumed
-    run continues the same order without saving generator state."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-
-
-def make_scheduler(optimizer, milestones, gamma, total_steps):
-    """MultiStepLR stepped once per step, milestones given as fractions of the run."""
-    steps = sorted({max(1, int(f * total_steps)) for f in milestones})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=gamma)
-
-
-class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
-    """Linear warm-up, then a cosine decay to zero at total_steps. The warm-up lasts
-    warmup_steps, or a fifth of the run if that is shorter.
-
-    total_steps may be lowered while the run is under way (a time budget fixes it once the
-    speed is known); it is part of the state_dict, so a resumed run decays the same way."""
-
-    def __init__(self, optimizer, warmup_steps, total_steps):
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
-        super().__init__(optimizer)
-
-    def factor(self, step):
-        warmup = min(self.warmup_steps, self.total_steps // 5)
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    def get_lr(self):
-        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
-
-
-@dataclasses.dataclass
-class RunState:
-    """Where a training run stands; saved in every checkpoint, so resuming is exact."""
-    epoch: int = 0           # epochs completed
-    step_in_epoch: int = 0   # steps done in the epoch under way
-    step: int = 0            # steps done in all
-    best: float = float("nan")
-    history: list = dataclasses.field(default_factory=list)
-    total_steps: int = 0     # where a time budget ends the run; 0 = after the last epoch
-
-
-class TimeBudget:
-    """Turns a budget in minutes into a number of steps.
-
-    After `timing_steps` steps it extrapolates the time per step and caps the run at the
-    steps that fit in what is left of the budget, less `margin` for validation and saving,
-    so a learning-rate schedule can end with the run instead of being cut off mid-way. Past
-    the budget itself (a machine that slowed down) the run also stops at the next step."""
-
-    clock = staticmethod(time.monotonic)
-
-    def __init__(self, minutes, timing_steps=20, margin=0.12):
-        self.seconds, self.timing_steps, self.margin = minutes * 60, timing_steps, margin
-        self.started = self.clock()
-        self.steps_timed = 0
-        self.timing_from = None
-
-    def elapsed(self):
-        return self.clock() - self.started
-
-    def steps_that_fit(self, step, device):
-        """Called after every step; returns the total step count once it is known, else None."""
-        self.steps_timed += 1
-        if self.steps_timed == 3:  # the first steps warm caches and allocators up; time the rest
-            synchronize(device)
-            self.timing_from = self.clock()
-        if self.steps_timed != self.timing_steps + 3:
-            return None
-        synchronize(device)
-        per_step = (self.clock() - self.timing_from) / self.timing_steps
-        left = self.seconds * (1 - self.margin) - self.elapsed()
-        return step + max(0, int(left / per_step))
-
-    def spent(self):
-        return self.elapsed() >= self.seconds
-
-
-def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
-    """Restore everything a run needs to continue exactly; returns its RunState."""
-    ckpt = load_checkpoint(path, kind, made_by=made_by)
-    check_same_config(path, ckpt["model_config"], model_cfg)
-    load_weights(model, ckpt, path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    restore_rng_state(ckpt["rng"])
-    state = RunState(**ckpt["run"])
-    print(f"resumed from {path} at step {state.step} (epoch {state.epoch + 1})")
-    return state
-
-
-def run_epochs(state, *, epochs, n_items, batch_size, seed, device, train_step, end_epoch,
-               save_last, on_log=None, log_every=50, checkpoint_every=0, stop=None,
-               resume_command="", show_progress=True, ranks=None, minutes=0.0, on_total_steps=None):
-    """The loop both trainers share.
-
-    train_step(batch_ids) -> 1-D tensor of detached losses, the total first;
-    end_epoch(epoch, mean_losses) evaluates, records and saves the best checkpoint;
-    save_last() writes the resumable checkpoint. Losses stay on the device between log
-    points (no host sync per step); they are checked for NaN before anything is saved.
-    With several processes each takes its own share of every batch-sized slice of the
-    epoch's order, losses are averaged over processes, and only rank 0 saves and prints.
-    minutes > 0 is a time budget (TimeBudget): once it has fixed the run's length,
-    on_total_steps(total) is called so the learning-rate schedule can end there too; the
-    epoch under way when the run ends is validated (end_epoch) like a whole one.
-    """
-    ranks = ranks or Ranks()
-    say = print_on_main(ranks)
-    global_batch = batch_size * ranks.world
-    steps_per_epoch = max(1, n_items // global_batch)
-    budget = TimeBudget(minutes) if minutes > 0 else None
-    with stop or StopFlag() as stop:
-        for epoch in range(state.epoch, epochs):
-            if state.total_steps and state.step >= state.total_steps:
-                break
-            order = epoch_order(n_items, seed, epoch).to(device)
-            first = state.step_in_epoch
-            sums, bad_step = None, torch.tensor(-1, device=device)
-            step_on_device = torch.tensor(state.step, device=device)
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=not (show_progress and ranks.main), leave=False)
-            steps_done = 0
-            for i in bar:
-                if state.total_steps and state.step >= state.total_steps:
-                    break
-                start = i * global_batch + ranks.rank * batch_size
-                losses = train_step(order[start:start + batch_size])
-                state.step += 1
-                state.step_in_epoch = i + 1
-                steps_done += 1
-                step_on_device += 1
-                if budget is not None:
-                    _apply_budget(budget, state, epochs * steps_per_epoch, device, ranks,
-                                  bar.write if show_progress and ranks.main else say, on_total_steps)
-                sums = losses if sums is None else sums + losses
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(losses[0]), step_on_device, bad_step)
-                at_log_point = state.step % log_every == 0
-                if at_log_point:
-                    _check_finite(bad_step, losses)
-                    message = f"step {state.step} | loss {float(ranks.sum(losses[0].clone())) / ranks.world:.5f}"
-                    if on_log is not None:
-                        message += " | " + on_log()
-                    if show_progress and ranks.main:
-                        bar.write(message)
-                    else:
-                        say(message)
-                # Processes must agree to stop at the same step; they compare notes only at
-                # log points, which keeps the other steps free of host syncs.
-                wants_stop = stop.signal is not None
-                if ranks.world > 1:
-                    wants_stop = at_log_point and ranks.any(wants_stop, device)
-                if wants_stop or (checkpoint_every and state.step % checkpoint_every == 0):
-                    _check_finite(bad_step, losses)
-                    if ranks.main:
-                        save_last()
-                if wants_stop:
-                    raise KeyboardInterrupt(f"{stop.signal or 'stop'}: saved the run at step {state.step}; "
-                                            f"continue with: {resume_command}")
-            bar.close()
-            if sums is not None:
-                _check_finite(bad_step, sums)
-                means = (ranks.sum(sums) / ranks.world / steps_done).tolist()
-            else:
-                means = []
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            end_epoch(epoch + 1, means)
-            if ranks.main:
-                save_last()
-
-
-def _apply_budget(budget, state, planned_steps, device, ranks, say, on_total_steps):
-    """Fix the run's length once the budget has timed enough steps; end it when spent."""
-    if not state.total_steps:
-        total = budget.steps_that_fit(state.step, device)
-        if total is not None:
-            # every process must end at the same step: take rank 0's estimate
-            total = int(ranks.sum(torch.tensor(float(total if ranks.main else 0), device=device)))
-            state.total_steps = max(state.step + 1, min(total, planned_steps))
-            say(f"time budget {budget.seconds / 60:g} min: training stops after step {state.total_steps} "
-                f"of {planned_steps} ({state.total_steps / planned_steps:.0%} of --epochs)")
-            if on_total_steps is not None:
-                on_total_steps(state.total_steps)
-    if ranks.world > 1:
-        if state.step % 10:  # processes compare clocks only every 10 steps, all at the same step
-            return
-        spent = ranks.any(budget.spent(), device)
-    else:
-        spent = budget.spent()
-    if spent and state.step < (state.total_steps or planned_steps + 1):
-        say(f"time budget spent at step {state.step}; validating and stopping")
-        state.total_steps = state.step
-
-
-def _check_finite(bad_step, losses):
-    step = int(bad_step)
-    if step >= 0:
-        raise NonFiniteLoss(f"the loss became non-finite at step {step}; stopped without saving "
-                            f"(the last checkpoint is from before it); try a lower --lr")
-
-
 # ----------------------------------------------------------------------------- benchmark
 
 def count_flops(step, *args):
@@ -600,6 +283,28 @@ def benchmark(step, next_batch, *, batch_size, warmup, steps, device):
 
 # ----------------------------------------------------------------------------- metrics
 
+# Keeps log(0) out of the entropy of a distribution with unused codes.
+PERPLEXITY_EPS = 1e-12
+# skimage.metrics.structural_similarity's defaults: 7 x 7 uniform window, sample covariance.
+SSIM_WINDOW, SSIM_K1, SSIM_K2 = 7, 0.01, 0.03
+
+
+def to_unit(images_u8):
+    """uint8 images -> float32 in [0, 1] (a new tensor)."""
+    return images_u8.float().div(255)
+
+
+def perplexity(probs):
+    """exp(entropy) of a distribution over codes: the number of equally used codes it matches."""
+    return torch.exp(-(probs * torch.log(probs + PERPLEXITY_EPS)).sum())
+
+
+def codebook_usage(counts):
+    """(perplexity, codes used) of per-code counts."""
+    probs = counts.double() / max(int(counts.sum()), 1)
+    return float(perplexity(probs)), int((counts > 0).sum())
+
+
 def to_numpy_images(batch):
     """(B, 1, H, W) tensor in [0, 1] -> (B, H, W) float64 numpy, clipped to [0, 1]."""
     return batch.detach().float().clamp(0, 1).squeeze(1).cpu().numpy().astype(np.float64)
@@ -616,11 +321,100 @@ def psnr_per_image(originals, reconstructions):
     return np.array([peak_signal_noise_ratio(x, y, data_range=1.0) for x, y in zip(a, b)])
 
 
+def _window_means(x, out=None, scratch=None):
+    """(N, H, W) -> the mean over every SSIM window that fits inside the image, (N, H-6, W-6),
+    into `out` when given (`scratch`: (N, H, W-6)). Shifted in-place sums: on a CPU they run
+    faster than avg_pool2d, and this loop is where ssim_matrix spends its time."""
+    n, height, width = x.shape
+    k, h, w = SSIM_WINDOW, height - SSIM_WINDOW + 1, width - SSIM_WINDOW + 1
+    rows = x.new_empty(n, height, w) if scratch is None else scratch
+    torch.add(x[:, :, :w], x[:, :, 1:w + 1], out=rows)
+    for shift in range(2, k):
+        rows += x[:, :, shift:shift + w]
+    out = x.new_empty(n, h, w) if out is None else out
+    torch.add(rows[:, :h], rows[:, 1:h + 1], out=out)
+    for shift in range(2, k):
+        out += rows[:, shift:shift + h]
+    return out.div_(k * k)
+
+
+@torch.no_grad()
+def ssim_matrix(queries, references, chunk=32, device="cpu"):
+    """SSIM of every query against every reference: (Q, R) float64 numpy.
+
+    The number ssim_per_image (skimage structural_similarity, data_range=1.0) gives for each
+    pair (to 1e-10), batched, because one skimage call per pair is far too slow for every
+    sample against every training slice. skimage filters with a 7 x 7 window and then drops
+    a 3-pixel border, which leaves exactly the windows that fit inside the image, as here.
+    Small reference chunks stay in cache. Inputs: (N, 1, H, W) or (N, H, W) in [0, 1]."""
+    def prepare(x):
+        x = torch.as_tensor(x).to(device=device, dtype=torch.float64).clamp(0, 1)
+        return x[:, 0] if x.dim() == 4 else x
+
+    queries = prepare(queries)
+    cov_norm = SSIM_WINDOW ** 2 / (SSIM_WINDOW ** 2 - 1)
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2  # data_range 1.0
+    mean_q = _window_means(queries)
+    var_q = cov_norm * (_window_means(queries * queries) - mean_q ** 2)
+    square_mean_q = mean_q ** 2
+    result = torch.empty(len(queries), len(references), dtype=torch.float64)
+    for start in range(0, len(references), chunk):
+        refs = prepare(references[start:start + chunk])
+        mean_r = _window_means(refs)
+        var_r_c2 = cov_norm * (_window_means(refs * refs) - mean_r ** 2) + c2
+        square_mean_r_c1 = mean_r ** 2 + c1
+        product, scratch = torch.empty_like(refs), refs.new_empty(refs.shape[:2] + mean_r.shape[2:])
+        ssim, denominator = torch.empty_like(mean_r), torch.empty_like(mean_r)
+        for i, query in enumerate(queries):
+            # S = (2 mu_q mu_r + C1)(2 cov + C2) / ((mu_q^2 + mu_r^2 + C1)(var_q + var_r + C2)),
+            # in place in preallocated buffers
+            torch.mul(refs, query, out=product)
+            _window_means(product, out=ssim, scratch=scratch)
+            ssim.addcmul_(mean_r, mean_q[i], value=-1).mul_(2 * cov_norm).add_(c2)
+            ssim.mul_(torch.mul(mean_r, mean_q[i], out=denominator).mul_(2).add_(c1))
+            ssim.div_(torch.add(square_mean_r_c1, square_mean_q[i], out=denominator))
+            ssim.div_(torch.add(var_r_c2, var_q[i], out=denominator))
+            result[i, start:start + len(refs)] = ssim.mean(dim=(1, 2)).cpu()
+    return result.numpy()
+
+
+# ----------------------------------------------------------------------------- batches through the VQ-VAE
+
+def unit_batches(images_u8, batch_size=64):
+    """uint8 (N, 1, H, W) -> float batches in [0, 1], converted one batch at a time."""
+    for start in range(0, images_u8.shape[0], batch_size):
+        yield to_unit(images_u8[start:start + batch_size])
+
+
+@torch.no_grad()
+def reconstruct_all(vqvae, images_u8, batch_size=64):
+    """uint8 (N, 1, H, W) on the model's device -> float reconstructions on the CPU."""
+    vqvae.eval()
+    return torch.cat([vqvae.reconstruct(x).cpu() for x in unit_batches(images_u8, batch_size)])
+
+
+@torch.no_grad()
+def encode_all(vqvae, images_u8, batch_size=64):
+    """uint8 (N, 1, H, W) -> long code indices (N, h, w) on the same device."""
+    return torch.cat([vqvae.encode_to_indices(x) for x in unit_batches(images_u8, batch_size)])
+
+
+@torch.no_grad()
+def decode_all(vqvae, codes, batch_size=64):
+    """Code indices (N, h, w) -> images (N, 1, H, W) in [0, 1] on the CPU."""
+    return torch.cat([vqvae.decode_indices(codes[i:i + batch_size]).cpu() for i in range(0, len(codes), batch_size)])
+
+
 # ----------------------------------------------------------------------------- images
 
 def to_uint8(image):
     """[0, 1] float array -> 8-bit gray."""
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def progress_indices(n, count=8):
+    """A fixed spread of count of n images, for grids that show the same images every time."""
+    return np.linspace(0, n - 1, num=min(count, n)).round().astype(int).tolist()
 
 
 def image_grid(images, ncol, pad=2):

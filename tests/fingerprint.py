@@ -141,7 +141,10 @@ def cli_flags():
 
 
 def fingerprint():
-    from dataset import make_demo
+    try:
+        from demo import make_demo  # where the demo generator lives after the split of dataset.py
+    except ImportError:
+        from dataset import make_demo
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         data = make_demo(scratch / "demo", seed=1, n_train=2, n_validate=1, n_test=1, n_slices=4, progress=False)

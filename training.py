@@ -1,0 +1,374 @@
+"""What both trainers share: where a run stands, the hard parts of a training loop, and the
+checkpoint.
+
+The loops themselves live in train.py and pixelcnn.py, where they read top to bottom; they
+call the parts that are easy to get wrong by name: `EpochLosses` (losses summed on the
+device, checked for NaN without a host sync per step), `stop_requested` (processes agree to
+stop at one step), `apply_time_budget` (a --minutes budget turned into a step count),
+`checkpoint_due`, `save_checkpoint`, and `StopFlag` (SIGINT/SIGTERM as a request to stop).
+
+The checkpoint is one dict, built by `checkpoint_payload` and read back by
+`load_checkpoint`:
+
+    kind          "vqvae" or "pixelcnn": which model; a loader refuses the other kind
+    model         the model's state_dict
+    model_config  dataclasses.asdict of its config: enough to rebuild the model alone
+    train_config  dataclasses.asdict of the trainer's config (dtype as --dtype auto resolved
+                  it); a VQ-VAE's train_config["image_size"] is the size its codes are for,
+                  read with `image_size_of`
+    ...           extras of the kind: a prior keeps grid (h, w), slice_counts (training
+                  slices per conditioned position) and baselines (uniform_bits,
+                  frequency_entropy_bits)
+    optimizer     the optimizer's state_dict
+    scheduler     the learning-rate scheduler's state_dict
+    run           dataclasses.asdict(RunState): epoch, step, best, history, total_steps
+    rng           rng_state(): the Python, NumPy, torch (and CUDA) generators
+
+Everything in it is a tensor or a plain value, so it loads with torch.load(weights_only=True).
+"""
+import dataclasses
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior
+from utils import synchronize
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or of the wrong kind; one-line message."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; nothing was saved from that point on."""
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+
+def checkpoint_payload(kind, model, model_cfg, train_cfg, optimizer, scheduler, state, **extras):
+    """The checkpoint of a run as it stands (the layout in this module's docstring)."""
+    return {"kind": kind, "model": model.state_dict(),
+            "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(train_cfg),
+            **extras, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "run": dataclasses.asdict(state), "rng": rng_state()}
+
+
+def save_checkpoint(path, payload):
+    """Write atomically: a kill mid-write leaves the previous file intact."""
+    from dataset import write_atomically  # the one atomic writer; dataset.py needs nothing from us
+    write_atomically(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path, kind, made_by=None):
+    """Load one of our checkpoints (weights only, never pickled code) and check its kind."""
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; run `{made_by}` first" if made_by else ""
+        raise CheckpointError(f"checkpoint {path} not found{hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line})") from None
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} is not a {kind} checkpoint of this project (found {found!r})")
+    return payload
+
+
+def image_size_of(vqvae_ckpt):
+    """The image size a VQ-VAE checkpoint was trained at, which its codes belong to."""
+    return vqvae_ckpt["train_config"]["image_size"]
+
+
+def load_weights(model, ckpt, path):
+    """Weights into a model built from the checkpoint's config; a checkpoint whose tensors do
+    not fit (written by an older version of a model) gets a one-line error."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise CheckpointError(f"{path} does not fit this version's {ckpt['kind']} model ({detail}); "
+                              f"train it again") from None
+
+
+def check_same_config(path, saved, config):
+    """Refuse to resume into a model built differently, naming what differs."""
+    wanted = dataclasses.asdict(config)
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in changed)
+        raise CheckpointError(f"{path} was built with other settings ({details})")
+
+
+def load_model(path, kind, build, made_by, device):
+    """A model rebuilt from its checkpoint alone, in eval mode, and the whole checkpoint."""
+    ckpt = load_checkpoint(path, kind, made_by=made_by)
+    model = build(ckpt["model_config"]).to(device)
+    load_weights(model, ckpt, path)
+    model.eval()
+    return model, ckpt
+
+
+def load_vqvae(path, device):
+    return load_model(path, "vqvae", lambda c: VQVAE(VQVAEConfig(**c)), "python train.py", device)
+
+
+def load_prior(path, device):
+    return load_model(path, "pixelcnn", lambda c: build_prior(PixelCNNConfig(**c)),
+                      "python pixelcnn.py", device)
+
+
+def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
+    """Restore everything a run needs to continue exactly; returns its RunState."""
+    ckpt = load_checkpoint(path, kind, made_by=made_by)
+    check_same_config(path, ckpt["model_config"], model_cfg)
+    load_weights(model, ckpt, path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    restore_rng_state(ckpt["rng"])
+    state = RunState(**ckpt["run"])
+    print(f"resumed from {path} at step {state.step} (epoch {state.epoch + 1})")
+    return state
+
+
+# ----------------------------------------------------------------------------- run state
+
+@dataclasses.dataclass
+class RunState:
+    """Where a training run stands; saved in every checkpoint, so resuming is exact."""
+    epoch: int = 0           # epochs completed
+    step_in_epoch: int = 0   # steps done in the epoch under way
+    step: int = 0            # steps done in all
+    best: float = float("nan")
+    history: list = dataclasses.field(default_factory=list)
+    total_steps: int = 0     # where a time budget ends the run; 0 = after the last epoch
+
+    def finished(self):
+        """Past the step a time budget ends the run at (never, without a budget)."""
+        return bool(self.total_steps) and self.step >= self.total_steps
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": numpy_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def numpy_rng_state():
+    # As tensors and plain values, so that weights_only loading accepts them.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def restore_rng_state(state):
+    random.setstate(_as_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def epoch_order(n, seed, epoch):
+    """The shuffled order of one epoch. It depends only on (seed, epoch), so a resumed
+    run continues the same order without saving generator state."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def steps_per_epoch(n_items, batch_size, ranks):
+    """Whole global batches in an epoch (at least one); every process takes its share of each."""
+    return max(1, n_items // (batch_size * ranks.world))
+
+
+def my_batch(order, i, batch_size, ranks):
+    """This process's share of the epoch's i-th global batch: indices into the split."""
+    start = i * batch_size * ranks.world + ranks.rank * batch_size
+    return order[start:start + batch_size]
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def make_scheduler(optimizer, milestones, gamma, total_steps):
+    """MultiStepLR stepped once per step, milestones given as fractions of the run."""
+    steps = sorted({max(1, int(f * total_steps)) for f in milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=gamma)
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up, then a cosine decay to zero at total_steps. The warm-up lasts
+    warmup_steps, or a fifth of the run if that is shorter.
+
+    total_steps may be lowered while the run is under way (a time budget fixes it once the
+    speed is known); it is part of the state_dict, so a resumed run decays the same way."""
+
+    def __init__(self, optimizer, warmup_steps, total_steps):
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        super().__init__(optimizer)
+
+    def factor(self, step):
+        warmup = min(self.warmup_steps, self.total_steps // 5)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def get_lr(self):
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+
+# ----------------------------------------------------------------------------- the loop's hard parts
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class EpochLosses:
+    """One epoch's losses, summed on the device, and the first step whose loss was not
+    finite. Nothing here waits for the device; check_finite does, so the loop calls it only
+    where it logs or saves."""
+
+    def __init__(self, step, device):
+        self.sums, self.steps = None, 0
+        self.bad_step = torch.tensor(-1, device=device)
+        self.step_on_device = torch.tensor(step, device=device)
+
+    def add(self, losses):
+        """losses: 1-D detached tensor, the total first."""
+        self.steps += 1
+        self.step_on_device += 1
+        self.sums = losses if self.sums is None else self.sums + losses
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(losses[0]), self.step_on_device,
+                                    self.bad_step)
+
+    def check_finite(self):
+        step = int(self.bad_step)
+        if step >= 0:
+            raise NonFiniteLoss(f"the loss became non-finite at step {step}; stopped without saving "
+                                f"(the last checkpoint is from before it); try a lower --lr")
+
+    def means(self, ranks):
+        """Mean of each loss over the epoch's steps and all processes; [] after no step."""
+        if self.sums is None:
+            return []
+        self.check_finite()
+        return (ranks.sum(self.sums) / ranks.world / self.steps).tolist()
+
+
+def loss_line(step, losses, ranks):
+    """The log line of a step: its total loss, averaged over processes."""
+    return f"step {step} | loss {float(ranks.sum(losses[0].clone())) / ranks.world:.5f}"
+
+
+def stop_requested(stop, ranks, at_log_point, device):
+    """Whether to stop after this step. Processes must agree to stop at the same step; they
+    compare notes only at log points, which keeps the other steps free of host syncs."""
+    wants_stop = stop.signal is not None
+    if ranks.world > 1:
+        wants_stop = at_log_point and ranks.any(wants_stop, device)
+    return wants_stop
+
+
+def checkpoint_due(step, every):
+    return bool(every) and step % every == 0
+
+
+def stopped(stop, step, resume_command):
+    """The interruption a loop raises once it has saved the run."""
+    return KeyboardInterrupt(f"{stop.signal or 'stop'}: saved the run at step {step}; "
+                             f"continue with: {resume_command}")
+
+
+def epoch_bar(first, steps, epoch, epochs, show, say):
+    """The steps of an epoch under a progress bar, and write(line), which prints beside it
+    (say(line) where no bar is shown)."""
+    bar = tqdm(range(first, steps), desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False)
+    return bar, (bar.write if show else say)
+
+
+class TimeBudget:
+    """Turns a budget in minutes into a number of steps.
+
+    After `timing_steps` steps it extrapolates the time per step and caps the run at the
+    steps that fit in what is left of the budget, less `margin` for validation and saving,
+    so a learning-rate schedule can end with the run instead of being cut off mid-way. Past
+    the budget itself (a machine that slowed down) the run also stops at the next step."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, minutes, timing_steps=20, margin=0.12):
+        self.seconds, self.timing_steps, self.margin = minutes * 60, timing_steps, margin
+        self.started = self.clock()
+        self.steps_timed = 0
+        self.timing_from = None
+
+    def elapsed(self):
+        return self.clock() - self.started
+
+    def steps_that_fit(self, step, device):
+        """Called after every step; returns the total step count once it is known, else None."""
+        self.steps_timed += 1
+        if self.steps_timed == 3:  # the first steps warm caches and allocators up; time the rest
+            synchronize(device)
+            self.timing_from = self.clock()
+        if self.steps_timed != self.timing_steps + 3:
+            return None
+        synchronize(device)
+        per_step = (self.clock() - self.timing_from) / self.timing_steps
+        left = self.seconds * (1 - self.margin) - self.elapsed()
+        return step + max(0, int(left / per_step))
+
+    def spent(self):
+        return self.elapsed() >= self.seconds
+
+
+def apply_time_budget(budget, state, planned_steps, device, ranks, say):
+    """After each step: fix the run's length (state.total_steps) once the budget has timed
+    enough steps, and end the run at this step when the budget is spent. Returns the total
+    when it was fixed at this step, so the learning-rate schedule can end there too."""
+    fixed = None
+    if not state.total_steps:
+        total = budget.steps_that_fit(state.step, device)
+        if total is not None:
+            # every process must end at the same step: take rank 0's estimate
+            total = int(ranks.sum(torch.tensor(float(total if ranks.main else 0), device=device)))
+            state.total_steps = fixed = max(state.step + 1, min(total, planned_steps))
+            say(f"time budget {budget.seconds / 60:g} min: training stops after step {state.total_steps} "
+                f"of {planned_steps} ({state.total_steps / planned_steps:.0%} of --epochs)")
+    if ranks.world > 1:
+        if state.step % 10:  # processes compare clocks only every 10 steps, all at the same step
+            return fixed
+        spent = ranks.any(budget.spent(), device)
+    else:
+        spent = budget.spent()
+    if spent and state.step < (state.total_steps or planned_steps + 1):
+        say(f"time budget spent at step {state.step}; validating and stopping")
+        state.total_steps = state.step
+    return fixed
