@@ -7,7 +7,7 @@ import pytest
 import pixelcnn
 import train
 import utils
-from test_pipeline import TINY_PRIOR, TINY_VQVAE
+from conftest import TINY_PRIOR, TINY_VQVAE
 
 KEYS = {"images_per_s", "ms_per_step", "peak_memory_mb", "flops_per_image", "achieved_tflops"}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from test_pipeline import TINY_PRIOR, TINY_VQVAE
+from conftest import TINY_PRIOR, TINY_VQVAE
 
 PROJECT = Path(__file__).resolve().parents[1]
 

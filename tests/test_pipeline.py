@@ -11,9 +11,7 @@ import predict
 import train
 from utils import parse_configs
 
-TINY_VQVAE = ["--image-size", "32", "--hidden", "16", "--res-hidden", "8", "--num-codes", "16",
-              "--code-dim", "8", "--batch-size", "8", "--log-every", "2"]
-TINY_PRIOR = ["--hidden", "8", "--n-layers", "2", "--kernel", "3", "--batch-size", "8"]
+from conftest import TINY_PRIOR, TINY_VQVAE
 N_SAMPLES = 3
 
 
@@ -175,18 +173,3 @@ def test_dtype_auto_picks_bf16_only_where_the_device_has_fast_kernels_and_says_s
     assert utils.resolve_dtype("auto", torch.device(device), said.append) == expected
     assert len(said) == 1 and expected in said[0]
     assert utils.resolve_dtype("float32", torch.device(device), said.append) == "float32" and len(said) == 1
-
-
-def test_warmup_cosine_rises_linearly_then_decays_to_zero_where_the_run_ends():
-    from utils import WarmupCosine
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    schedule = WarmupCosine(optimizer, warmup_steps=4, total_steps=20)
-    lrs = [optimizer.param_groups[0]["lr"]]
-    for step in range(10):
-        optimizer.step()
-        schedule.step()
-        lrs.append(optimizer.param_groups[0]["lr"])
-        if step == 6:
-            schedule.total_steps = 10  # a time budget cut the run short
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # 4 steps: a fifth of 20
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[10] == pytest.approx(0.0, abs=1e-12)

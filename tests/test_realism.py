@@ -1,4 +1,4 @@
-"""The realism metrics of predict.py: a C2ST that cannot be fooled by near-copy slices, its
+"""The realism metrics (realism.py) that predict.py --realism reports: a C2ST that cannot be fooled by near-copy slices, its
 controls, nearest-neighbour SSIM and distribution distances, on small synthetic sets."""
 import numpy as np
 import pytest
@@ -7,6 +7,8 @@ from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 
 import predict
+import realism
+import utils
 
 # Enough for the classifier to see a blur or to recognise subjects, in seconds on a CPU.
 TINY_BUDGET = {"n_folds": 4, "epochs": 10, "lr": 1e-3, "batch_size": 16}
@@ -37,7 +39,7 @@ def subjects():
 
 
 class FoldSpy:
-    """Stands in for predict.train_and_score and records what each fold trains and scores on."""
+    """Stands in for realism.train_and_score and records what each fold trains and scores on."""
 
     def __init__(self, accuracy=0.5):
         self.accuracy, self.folds = accuracy, []
@@ -73,22 +75,22 @@ def assert_no_subject_on_both_sides(spy, owner_of, n_items):
 def test_group_k_fold_keeps_every_subject_in_one_fold_and_folds_near_equal():
     rng = np.random.default_rng(3)
     case_ids = np.repeat([f"{i:03d}" for i in range(23)], rng.integers(4, 12, size=23))
-    folds = predict.group_k_fold(case_ids, 5, seed=7)
+    folds = realism.group_k_fold(case_ids, 5, seed=7)
     for case in np.unique(case_ids):
         assert len(np.unique(folds[case_ids == case])) == 1
     sizes = np.bincount(folds, minlength=5)
     assert sizes.max() - sizes.min() <= 11  # at most one subject's worth apart
-    assert not np.array_equal(folds, predict.group_k_fold(case_ids, 5, seed=8))
+    assert not np.array_equal(folds, realism.group_k_fold(case_ids, 5, seed=8))
 
 
 def test_c2st_splitter_never_puts_a_case_id_on_both_sides_of_a_fold():
     rng = np.random.default_rng(0)
     case_ids = np.repeat([f"{i:03d}" for i in range(17)], rng.integers(3, 33, size=17))
     for seed in range(5):
-        folds_real, folds_generated = predict.two_sample_folds(case_ids, 90, 5, seed)
+        folds_real, folds_generated = realism.two_sample_folds(case_ids, 90, 5, seed)
         folds = np.concatenate([folds_real, folds_generated])
         labels = np.r_[np.zeros(len(case_ids)), np.ones(90)]
-        splits = predict.fold_splits(folds)
+        splits = realism.fold_splits(folds)
         assert len(splits) == 5
         for train, test in splits:
             real_train = set(case_ids[train[train < len(case_ids)]])
@@ -104,8 +106,8 @@ def test_c2st_trains_and_scores_each_fold_on_disjoint_subjects(subjects, monkeyp
     images, case_ids = subjects
     generated = torch.rand(100, 1, 64, 64)
     spy = FoldSpy()
-    monkeypatch.setattr(predict, "train_and_score", spy)
-    result = predict.classifier_two_sample_test(generated, images, None, case_ids, **TINY_BUDGET)
+    monkeypatch.setattr(realism, "train_and_score", spy)
+    result = realism.classifier_two_sample_test(generated, images, None, case_ids, **TINY_BUDGET)
     owner_of = owner_lookup((generated, [f"generated{i}" for i in range(100)]), (images, case_ids))
     assert len(spy.folds) == TINY_BUDGET["n_folds"]
     assert_no_subject_on_both_sides(spy, owner_of, n_items=200)
@@ -117,8 +119,8 @@ def test_c2st_trains_and_scores_each_fold_on_disjoint_subjects(subjects, monkeyp
 def test_real_vs_real_control_splits_subjects_into_halves_and_folds_by_subject(subjects, monkeypatch):
     images, case_ids = subjects
     spy = FoldSpy()
-    monkeypatch.setattr(predict, "train_and_score", spy)
-    predict.real_vs_real_control(images, case_ids, 96, **TINY_BUDGET)
+    monkeypatch.setattr(realism, "train_and_score", spy)
+    realism.real_vs_real_control(images, case_ids, 96, **TINY_BUDGET)
     owner_of = owner_lookup((images, case_ids))
     assert_no_subject_on_both_sides(spy, owner_of, n_items=192)
     halves = {0.0: set(), 1.0: set()}
@@ -132,10 +134,10 @@ def test_real_vs_real_control_splits_subjects_into_halves_and_folds_by_subject(s
 def test_blurred_control_keeps_a_slice_and_its_blurred_copy_in_one_fold(subjects, monkeypatch):
     images, case_ids = subjects
     spy = FoldSpy()
-    monkeypatch.setattr(predict, "train_and_score", spy)
-    sigma = predict.blur_sigma(64)
-    predict.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=sigma, **TINY_BUDGET)
-    owner_of = owner_lookup((images, case_ids), (predict.gaussian_blur(images, sigma), case_ids))
+    monkeypatch.setattr(realism, "train_and_score", spy)
+    sigma = realism.blur_sigma(64)
+    realism.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=sigma, **TINY_BUDGET)
+    owner_of = owner_lookup((images, case_ids), (realism.gaussian_blur(images, sigma), case_ids))
     assert_no_subject_on_both_sides(spy, owner_of, n_items=2 * len(images))
 
 
@@ -143,8 +145,8 @@ def test_blurred_control_keeps_a_slice_and_its_blurred_copy_in_one_fold(subjects
 
 def test_real_vs_real_control_scores_near_chance(subjects):
     images, case_ids = subjects
-    result = predict.real_vs_real_control(images, case_ids, 10 ** 6, **TINY_BUDGET)
-    low, high = predict.REAL_VS_REAL_RANGE
+    result = realism.real_vs_real_control(images, case_ids, 10 ** 6, **TINY_BUDGET)
+    low, high = realism.REAL_VS_REAL_RANGE
     assert low <= result["accuracy"] <= high, result["fold_accuracies"]
 
 
@@ -152,16 +154,16 @@ def test_the_same_halves_split_by_slice_instead_of_subject_are_told_apart(subjec
     """Why folds are grouped: scored on subjects it trained on, the classifier recognises them."""
     images, case_ids = subjects
     first_half = np.isin(case_ids, np.unique(case_ids)[::2])
-    result = predict.classifier_two_sample_test(images[first_half], images[~first_half], None, None,
+    result = realism.classifier_two_sample_test(images[first_half], images[~first_half], None, None,
                                                 **TINY_BUDGET)
     assert result["accuracy"] > 0.8
 
 
 def test_blurred_vs_real_control_scores_near_one(subjects):
     images, case_ids = subjects
-    result = predict.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=predict.blur_sigma(64),
+    result = realism.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=realism.blur_sigma(64),
                                              **TINY_BUDGET)
-    assert result["accuracy"] >= predict.BLURRED_MIN_ACCURACY, result["fold_accuracies"]
+    assert result["accuracy"] >= realism.BLURRED_MIN_ACCURACY, result["fold_accuracies"]
     assert result["blur_sigma_px"] == 0.5
 
 
@@ -171,27 +173,27 @@ def test_c2st_is_deterministic_and_leaves_the_global_random_state_alone():
     budget = {**TINY_BUDGET, "epochs": 2}
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = predict.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
+    first = realism.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
     assert torch.equal(torch.get_rng_state(), state)
-    second = predict.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
+    second = realism.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
     assert first["fold_accuracies"] == second["fold_accuracies"]
     assert first["budget"] == {"epochs": 2, "lr": 1e-3, "batch_size": 16, "optimizer": "Adam"}
 
 
 def test_controls_pass_only_when_both_controls_do():
-    low, high = predict.REAL_VS_REAL_RANGE
-    good_blur = predict.BLURRED_MIN_ACCURACY
-    assert predict.controls_pass(0.5, good_blur)
-    assert predict.controls_pass(low, 1.0) and predict.controls_pass(high, 1.0)
-    assert not predict.controls_pass(high + 0.01, 1.0)
-    assert not predict.controls_pass(low - 0.01, 1.0)
-    assert not predict.controls_pass(0.5, good_blur - 0.01)
+    low, high = realism.REAL_VS_REAL_RANGE
+    good_blur = realism.BLURRED_MIN_ACCURACY
+    assert realism.controls_pass(0.5, good_blur)
+    assert realism.controls_pass(low, 1.0) and realism.controls_pass(high, 1.0)
+    assert not realism.controls_pass(high + 0.01, 1.0)
+    assert not realism.controls_pass(low - 0.01, 1.0)
+    assert not realism.controls_pass(0.5, good_blur - 0.01)
 
 
 def test_report_calls_the_c2st_invalid_when_a_control_fails(subjects, monkeypatch):
     images, case_ids = subjects
-    monkeypatch.setattr(predict, "train_and_score", FoldSpy(accuracy=0.5))  # a judge that sees nothing
-    report = predict.realism_report(images[:40], images, images, case_ids, images[:16], images[:16],
+    monkeypatch.setattr(realism, "train_and_score", FoldSpy(accuracy=0.5))  # a judge that sees nothing
+    report = realism.realism_report(images[:40], images, images, case_ids, images[:16], images[:16],
                                     **TINY_BUDGET, nn_train=20)
     assert report["c2st"]["accuracy"] == 0.5  # looks indistinguishable ...
     assert report["controls"]["blurred_vs_real"]["accuracy"] == 0.5
@@ -199,8 +201,8 @@ def test_report_calls_the_c2st_invalid_when_a_control_fails(subjects, monkeypatc
     assert report["nn_ssim"]["n_train_compared"] == 20
     assert report["nn_ssim"]["samples"]["max"] == pytest.approx(1.0)  # samples copied from the train set
 
-    monkeypatch.setattr(predict, "blurred_vs_real_control", lambda *a, **k: {"accuracy": 0.97})
-    report = predict.realism_report(images[:40], images, images, case_ids, images[:16], images[:16],
+    monkeypatch.setattr(realism, "blurred_vs_real_control", lambda *a, **k: {"accuracy": 0.97})
+    report = realism.realism_report(images[:40], images, images, case_ids, images[:16], images[:16],
                                     **TINY_BUDGET)
     assert report["controls_pass"] is True and report["c2st_valid"] is True
 
@@ -209,7 +211,7 @@ def test_report_refuses_too_few_subjects_for_its_folds(subjects):
     images, case_ids = subjects
     few = np.isin(case_ids, np.unique(case_ids)[:9])
     with pytest.raises(predict.DataError, match="at least 10 training subjects"):
-        predict.realism_report(images[:8], images[few], images[few], case_ids[few], images[:4], images[:4],
+        realism.realism_report(images[:8], images[few], images[few], case_ids[few], images[:4], images[:4],
                                n_folds=5)
 
 
@@ -219,7 +221,7 @@ def test_ssim_matrix_is_skimage_structural_similarity():
     images, _ = blob_subjects(n_subjects=3, n_slices=2, size=24, seed=2)
     noise = torch.rand(2, 1, 24, 24)
     queries, references = torch.cat([images[:3], noise[:1]]), torch.cat([images[2:], noise[1:]])
-    matrix = predict.ssim_matrix(queries, references, chunk=3)
+    matrix = utils.ssim_matrix(queries, references, chunk=3)
     expected = [[structural_similarity(q[0].double().numpy(), r[0].double().numpy(), data_range=1.0)
                  for r in references] for q in queries]
     np.testing.assert_allclose(matrix, expected, rtol=0, atol=1e-10)
@@ -229,26 +231,26 @@ def test_nearest_neighbour_ssim_of_an_exact_copy_is_one(subjects):
     images, _ = subjects
     references = images[::3]
     copies = references[[1, 7, 30]]
-    assert predict.nearest_neighbour_ssim(copies, references) == pytest.approx(1.0, abs=1e-12)
+    assert realism.nearest_neighbour_ssim(copies, references) == pytest.approx(1.0, abs=1e-12)
     others = images[1::3][:5]  # the same subjects' other slices: near, but not copies
-    nearest = predict.nearest_neighbour_ssim(others, references)
+    nearest = realism.nearest_neighbour_ssim(others, references)
     assert np.all(nearest < 0.99) and np.all(nearest > 0.3)
 
 
 def test_histogram_and_brain_area_distances_are_zero_for_one_distribution_and_not_for_another():
     images, _ = blob_subjects(n_subjects=40, n_slices=2, size=32, seed=4)
-    same = predict.distribution_distances(images[::2], images[1::2])
+    same = realism.distribution_distances(images[::2], images[1::2])
     assert same["histogram_jensen_shannon"] < 0.05 and same["histogram_l1"] < 0.1
     assert same["brain_area_wasserstein"] < 0.02
-    identical = predict.distribution_distances(images, images)
+    identical = realism.distribution_distances(images, images)
     assert identical["histogram_l1"] == 0 and identical["brain_area_wasserstein"] == 0
 
-    darker = predict.distribution_distances(images * 0.5, images)
+    darker = realism.distribution_distances(images * 0.5, images)
     assert darker["histogram_jensen_shannon"] > max(0.2, 10 * same["histogram_jensen_shannon"])
     assert darker["histogram_l1"] > max(0.3, 10 * same["histogram_l1"])
     smaller = torch.zeros_like(images)
     smaller[..., 8:24, 8:24] = images[..., 8:24, 8:24]  # less head in every slice
-    assert predict.distribution_distances(smaller, images)["brain_area_wasserstein"] > 0.1
+    assert realism.distribution_distances(smaller, images)["brain_area_wasserstein"] > 0.1
 
 
 # ----------------------------------------------------------------------------- the flags
@@ -273,7 +275,7 @@ def disc_slices(n, size=128, radius=0.3, level=0.5):
 def test_shape_figures_give_a_smooth_disc_its_roughness_and_count_a_planted_hole():
     plain, holed = disc_slices(4), disc_slices(4)
     holed[1:3, 0, 60:66, 60:66] = 0.0  # a black spot in the middle of two of the four
-    figures = predict.shape_figures({"plain": plain, "holed": holed})
+    figures = realism.shape_figures({"plain": plain, "holed": holed})
     assert 3.0 < figures["plain"]["outline_roughness_mean"] < 3.4
     assert figures["plain"]["hole_rate"] == 0.0 and figures["holed"]["hole_rate"] == 0.5
     assert figures["holed"]["holes_per_image"] == 0.5
@@ -285,12 +287,12 @@ def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(
     def spy(*args, input_size, **kwargs):
         seen_sizes.append(input_size)
         return {"accuracy": 0.5, "fold_accuracies": [0.5], "n_per_class": 40}
-    monkeypatch.setattr(predict, "classifier_two_sample_test", spy)
+    monkeypatch.setattr(realism, "classifier_two_sample_test", spy)
     images, case_ids = blob_subjects(n_subjects=12, n_slices=4, size=128)
-    report = predict.realism_report(images[:40], images, images, case_ids, images[:8], images[:8], **TINY_BUDGET)
+    report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8], **TINY_BUDGET)
     assert report["c2st"]["input_size"] == 128 and report["c2st_64"]["input_size"] == 64
     assert sorted(set(seen_sizes)) == [64, 128] and len(seen_sizes) == 6  # each with both controls
-    report = predict.realism_report(images[:40], images, images, case_ids, images[:8], images[:8],
+    report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8],
                                     input_size=64, **TINY_BUDGET)
     assert report["c2st"]["input_size"] == 64 and report["c2st_64"] is None
     assert set(report["shape"]) >= {"samples", "test_real", "test_reconstructions"}

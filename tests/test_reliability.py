@@ -13,13 +13,12 @@ import pixelcnn
 import predict
 import train
 from dataset import load_split_tensor
-from modules import PixelCNNConfig, VQVAEConfig, build_prior
-from utils import CheckpointError, NonFiniteLoss, load_checkpoint, parse_configs, save_checkpoint
+from conftest import TINY_PRIOR_BATCH_2, TINY_VQVAE_BATCH_2
+from modules import PixelCNNConfig, VQVAEConfig
+from training import CheckpointError, NonFiniteLoss, load_checkpoint, load_vqvae
+from utils import encode_all, parse_configs
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_VQVAE = ["--image-size", "32", "--hidden", "16", "--res-hidden", "8", "--num-codes", "16",
-              "--code-dim", "8", "--batch-size", "2", "--dead-code-steps", "3"]
-TINY_PRIOR = ["--hidden", "8", "--n-layers", "2", "--kernel", "3", "--batch-size", "2"]
 
 
 class StopAfter:
@@ -43,7 +42,7 @@ class StopAfter:
 def vqvae_configs(tmp_path, data, *extra):
     return parse_configs("", [train.TrainConfig, VQVAEConfig],
                          ["--data", str(data), "--checkpoint-dir", str(tmp_path / "ck"),
-                          "--progress-dir", str(tmp_path / "progress"), *TINY_VQVAE, *extra])
+                          "--progress-dir", str(tmp_path / "progress"), *TINY_VQVAE_BATCH_2, *extra])
 
 
 def test_vqvae_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_demo):
@@ -79,7 +78,7 @@ def train_tiny_vqvae(tmp_path, data):
 def prior_configs(tmp_path, data, vqvae, *extra):
     return parse_configs("", [pixelcnn.PriorTrainConfig, PixelCNNConfig],
                          ["--data", str(data), "--vqvae", str(vqvae),
-                          "--checkpoint-dir", str(tmp_path / "prior"), *TINY_PRIOR, *extra])
+                          "--checkpoint-dir", str(tmp_path / "prior"), *TINY_PRIOR_BATCH_2, *extra])
 
 
 @pytest.mark.parametrize("augment", [[], ["--vflip"]], ids=["plain", "vflip"])
@@ -103,10 +102,10 @@ def test_vflip_trains_the_prior_on_codes_of_flipped_slices_for_part_of_each_batc
                                                                                     monkeypatch):
     monkeypatch.chdir(tmp_path)  # the split cache goes here
     vqvae_path, cpu = train_tiny_vqvae(tmp_path, tiny_demo), torch.device("cpu")
-    vqvae, _ = pixelcnn.load_vqvae(vqvae_path, cpu)
+    vqvae, _ = load_vqvae(vqvae_path, cpu)
     images = load_split_tensor(tiny_demo, "train", 32, cpu, progress=False)[0]
     codes, _, flipped = pixelcnn.encode_split(vqvae, tiny_demo, "train", 32, cpu, progress=False, flipped=True)
-    assert torch.equal(flipped, pixelcnn.encode_to_indices(vqvae, images.flip(2)))
+    assert torch.equal(flipped, encode_all(vqvae, images.flip(2)))
     assert not torch.equal(flipped, codes)
 
     batches, make_step = [], pixelcnn.make_train_step
@@ -129,7 +128,7 @@ def test_vflip_trains_the_prior_on_codes_of_flipped_slices_for_part_of_each_batc
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_the_run_and_says_how_to_resume(tmp_path, tiny_demo, sig):
     command = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny_demo), "--epochs", "1000",
-               "--log-every", "1", *TINY_VQVAE]
+               "--log-every", "1", *TINY_VQVAE_BATCH_2]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -179,59 +178,6 @@ def test_resuming_with_other_model_settings_names_them(tmp_path, tiny_demo):
         train.train(cfg, model_cfg, progress=False)
 
 
-def test_a_file_that_is_not_our_checkpoint_is_refused_with_a_message(tmp_path):
-    text = tmp_path / "notes.pt"
-    text.write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        load_checkpoint(text, "vqvae")
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(CheckpointError, match="not a vqvae checkpoint"):
-        load_checkpoint(foreign, "vqvae")
-    prior = tmp_path / "prior.pt"
-    save_checkpoint(prior, {"kind": "pixelcnn"})
-    with pytest.raises(CheckpointError, match="not a vqvae checkpoint"):
-        load_checkpoint(prior, "vqvae")
-
-
-def test_a_checkpoint_whose_weights_do_not_fit_the_model_gets_one_line(tmp_path):
-    cfg = PixelCNNConfig(num_codes=8, hidden=8, n_layers=2, kernel=3)
-    weights = build_prior(cfg).state_dict()
-    weights["layers.1.h_out.weight"] = torch.zeros(8, 8, 1, 1)  # a layer this version no longer has
-    path = tmp_path / "old_prior.pt"
-    save_checkpoint(path, {"kind": "pixelcnn", "model": weights, "model_config": dataclasses.asdict(cfg)})
-    with pytest.raises(CheckpointError, match=r"does not fit this version's pixelcnn model \(.*h_out") as err:
-        pixelcnn.load_prior(path, "cpu")
-    assert len(str(err.value).splitlines()) == 1
-
-
-class Payload:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def test_a_checkpoint_carrying_code_is_refused_not_run(tmp_path, capfd):
-    path = tmp_path / "evil.pt"
-    torch.save({"kind": "vqvae", "x": Payload()}, path)
-    with pytest.raises(CheckpointError):
-        load_checkpoint(path, "vqvae")
-    assert "pwned" not in capfd.readouterr().out
-
-
-def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
-    path = tmp_path / "ck.pt"
-    save_checkpoint(path, {"kind": "vqvae", "version": 1})
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        save_checkpoint(path, {"kind": "vqvae", "version": 2})
-    assert load_checkpoint(path, "vqvae")["version"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary left behind
-
-
 def test_out_of_memory_suggests_a_smaller_batch(monkeypatch, capsys):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -250,43 +196,3 @@ def test_prior_and_predict_before_training_say_which_command_to_run(tmp_path, mo
         with pytest.raises(SystemExit):
             main(["--data", str(tmp_path)])
         assert command in capsys.readouterr().err
-
-
-class TickingClock:
-    """Stands in for time.monotonic: every reading is one second after the last."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        self.now += 1.0
-        return self.now
-
-
-def test_a_time_budget_ends_the_run_early_with_the_lr_decayed_and_keeps_the_best_checkpoint(
-        tmp_path, tiny_demo, monkeypatch):
-    import utils
-    vqvae = train_tiny_vqvae(tmp_path, tiny_demo)
-    monkeypatch.setattr(utils.TimeBudget, "clock", staticmethod(TickingClock()))
-    # 8 training grids, batch 2: 4 steps an epoch, 80 planned; a step reads the clock once, so
-    # the budget of 60 ticking seconds fits about 50 of them
-    cfg, model_cfg = prior_configs(tmp_path, tiny_demo, vqvae, "--epochs", "20", "--minutes", "1",
-                                   "--warmup-steps", "2")
-    history = pixelcnn.train_prior(cfg, model_cfg, progress=False)
-    last = torch.load(tmp_path / "prior" / "pixelcnn_last.pt", weights_only=True)
-    best = torch.load(tmp_path / "prior" / "pixelcnn_best.pt", weights_only=True)
-    total = last["run"]["total_steps"]
-    assert 23 < total < 80 and last["run"]["step"] == total == history[-1]["step"]
-    assert last["scheduler"]["total_steps"] == total and history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
-    assert best["run"]["best"] == min(r["val_nll_bits"] for r in history)
-    assert best["run"]["step"] == min(history, key=lambda r: r["val_nll_bits"])["step"]
-
-
-def test_a_budget_spent_before_its_estimate_stops_at_the_next_step(tmp_path, tiny_demo, monkeypatch):
-    import utils
-    vqvae = train_tiny_vqvae(tmp_path, tiny_demo)
-    monkeypatch.setattr(utils.TimeBudget, "clock", staticmethod(TickingClock()))
-    cfg, model_cfg = prior_configs(tmp_path, tiny_demo, vqvae, "--epochs", "20", "--minutes", "0.25")
-    history = pixelcnn.train_prior(cfg, model_cfg, progress=False)
-    # 15 ticking seconds run out before the 20 timed steps: no estimate, a hard stop instead
-    assert history[-1]["step"] < 20 and len(history) == -(-history[-1]["step"] // 4)
