@@ -121,7 +121,7 @@ def pick_device(name="auto"):
 
 def cpu_has_bfloat16_kernels():
     # oneDNN has bf16 convolution kernels only for CPUs with AVX-512 or newer; elsewhere bf16
-    # falls back to a reference path (measured on an AVX2 CPU: 9 times slower than float32).
+    # falls back to a reference path, many times slower than float32 (RESULTS.md).
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without the probe: assume the fast path
