@@ -5,7 +5,9 @@ and intensity-histogram, brain-area and shape (outline roughness, black holes) f
 predict.py --realism runs realism_report over its samples and writes the result into
 metrics.json; everything here works on image tensors (N, 1, H, W) in [0, 1].
 """
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -373,3 +375,88 @@ def print_realism(report):
     print("outline roughness / images with a black hole: " + " | ".join(
         f"{name} {shape[name]['outline_roughness_mean']:.2f} / {shape[name]['hole_rate']:.1%}"
         for name in ("samples", "test_real", "test_reconstructions")))
+
+
+# ----------------------------------------------------------------------------- realism against training time
+
+def realism_run(out_dir):
+    """One predict.py --realism run, as a row: the data, its prior's settings and training
+    time (from the prior checkpoint the run names) and its two-sample verdicts."""
+    from training import load_checkpoint  # here: realism_report itself needs no checkpoints
+
+    metrics_path = Path(out_dir) / "metrics.json"
+    if not metrics_path.is_file():
+        raise DataError(f"{metrics_path} not found; run predict.py --realism --out-dir {out_dir} first")
+    metrics = json.loads(metrics_path.read_text())
+    if not metrics.get("realism"):
+        raise DataError(f"{metrics_path} has no realism entry; run predict.py --realism --out-dir {out_dir}")
+    prior = load_checkpoint(metrics["prior"], "pixelcnn")
+    coarse = metrics["realism"].get("c2st_64")
+    return {"run": Path(out_dir).name, "data": metrics["data_root"],
+            "prior_minutes": prior["run"]["history"][-1]["seconds"] / 60, "steps": prior["run"]["step"],
+            "hidden": prior["model_config"]["hidden"], "batch_size": prior["train_config"]["batch_size"],
+            "val_nll_bits": prior["run"]["best"], "c2st": metrics["realism"]["c2st"]["accuracy"],
+            "c2st_size": metrics["realism"]["c2st"].get("input_size", C2ST_COARSE_SIZE),
+            "c2st_64": coarse["accuracy"] if coarse else None, "valid": metrics["realism"]["c2st_valid"]}
+
+
+def plot_realism_vs_minutes(rows, path):
+    """C2ST against the prior's training minutes, one line per data root."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for data in sorted({row["data"] for row in rows}):
+        mine = sorted((row for row in rows if row["data"] == data), key=lambda row: row["prior_minutes"])
+        line, = ax.plot([r["prior_minutes"] for r in mine], [r["c2st"] for r in mine], "o-",
+                        label=f"{Path(data).name}, at the image size")
+        coarse = [r for r in mine if r["c2st_64"] is not None]
+        ax.plot([r["prior_minutes"] for r in coarse], [r["c2st_64"] for r in coarse], "s--", color=line.get_color(),
+                alpha=0.6, label=f"{Path(data).name}, at 64 px")
+        for r in mine:
+            ax.annotate(r["run"], (r["prior_minutes"], r["c2st"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+    ax.set(xlabel="prior training minutes", ylabel="C2ST accuracy (0.5 = indistinguishable)", ylim=(0.45, 1.02),
+           title="samples against reconstructed real slices")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def realism_table(rows):
+    lines = ["| run | data | prior (channels, batch) | steps | minutes | validation NLL (bits/code) | "
+             "C2ST at the image size | C2ST at 64 px | controls |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in sorted(rows, key=lambda r: (r["data"], r["prior_minutes"])):
+        coarse = f"{r['c2st_64']:.3f}" if r["c2st_64"] is not None else "-"
+        lines.append(f"| {r['run']} | {r['data']} | {r['hidden']}, {r['batch_size']} | {r['steps']} | "
+                     f"{r['prior_minutes']:.1f} | {r['val_nll_bits']:.3f} | {r['c2st']:.3f} ({r['c2st_size']} px) | "
+                     f"{coarse} | {'valid' if r['valid'] else 'NOT VALID'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """python realism.py OUT_DIR [OUT_DIR ...]: C2ST against prior training minutes over
+    several predict.py --realism runs, as a table and out/realism_vs_minutes.png."""
+    from utils import HelpFormatter, OneLineErrorParser, run_script
+
+    parser = OneLineErrorParser(description=main.__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="OUT_DIR", help="--out-dir of a predict.py --realism run")
+    parser.add_argument("--figure", default="out/realism_vs_minutes.png", help="where the plot goes")
+    args = parser.parse_args(argv)
+
+    def work():
+        rows = [realism_run(run) for run in args.runs]
+        plot_realism_vs_minutes(rows, args.figure)
+        print(realism_table(rows))
+        print(f"-> {args.figure}")
+    run_script(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -296,3 +296,46 @@ def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(
                                     input_size=64, **TINY_BUDGET)
     assert report["c2st"]["input_size"] == 64 and report["c2st_64"] is None
     assert set(report["shape"]) >= {"samples", "test_real", "test_reconstructions"}
+
+
+def write_realism_run(out_dir, prior_path, data, c2st, seconds, hidden):
+    """A predict.py --realism output folder and the prior checkpoint it names."""
+    import json
+
+    import pixelcnn
+    import training
+    from modules import PixelCNNConfig, build_prior
+    model_cfg = PixelCNNConfig(num_codes=8, hidden=hidden, n_layers=2, kernel=3, grid_size=4)
+    model = build_prior(model_cfg)
+    optimizer = torch.optim.Adam(model.parameters())
+    state = training.RunState(step=40, best=2.5, history=[{"epoch": 1, "seconds": seconds}])
+    training.save_checkpoint(prior_path, training.checkpoint_payload(
+        "pixelcnn", model, model_cfg, pixelcnn.PriorTrainConfig(), optimizer,
+        training.WarmupCosine(optimizer, 2, 40), state))
+    verdict = {"accuracy": c2st, "input_size": 128, "valid": True}
+    out_dir.mkdir(parents=True)
+    (out_dir / "metrics.json").write_text(json.dumps({
+        "data_root": data, "prior": str(prior_path),
+        "realism": {"c2st": verdict, "c2st_64": {**verdict, "accuracy": c2st - 0.1}, "c2st_valid": True}}))
+
+
+def test_realism_against_minutes_reads_each_runs_prior_and_plots_them(tmp_path, capsys):
+    write_realism_run(tmp_path / "short", tmp_path / "short.pt", "demo", 0.99, 300.0, 8)
+    write_realism_run(tmp_path / "long", tmp_path / "long.pt", "demo", 0.80, 1800.0, 16)
+    figure = tmp_path / "figure.png"
+    realism.main([str(tmp_path / "short"), str(tmp_path / "long"), "--figure", str(figure)])
+    rows = [realism.realism_run(tmp_path / name) for name in ("short", "long")]
+    assert [(r["prior_minutes"], r["hidden"], r["c2st"], r["c2st_64"]) for r in rows] == \
+        [(5.0, 8, 0.99, pytest.approx(0.89)), (30.0, 16, 0.80, pytest.approx(0.70))]
+    assert figure.is_file()
+    table = capsys.readouterr().out
+    assert table.index("| short |") < table.index("| long |") and "0.800 (128 px)" in table
+
+
+def test_realism_against_minutes_names_a_run_without_a_realism_entry(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "metrics.json").write_text('{"prior": "x.pt"}')
+    with pytest.raises(SystemExit) as exit_info:
+        realism.main([str(tmp_path / "plain")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--realism" in err
