@@ -40,7 +40,7 @@ class PriorTrainConfig:
                               "to the steps that fit (the learning rate still decays to zero at its end) and "
                               "the best-by-validation checkpoint is kept; 0 = no budget, train all --epochs")
     batch_size: int = opt(16, "code grids per step", minimum=1)
-    lr: float = opt(2e-3, "peak Adam learning rate")
+    lr: float = opt(4e-3, "peak Adam learning rate")
     warmup_steps: int = opt(20, "steps of linear learning-rate warm-up (at most a fifth of the run) before "
                                 "the cosine decay to zero", minimum=0)
     dtype: str = opt("auto", "autocast dtype of the forward pass during training; auto = bfloat16 where the "
@@ -67,7 +67,7 @@ PRESETS = {
     # a 2-core CPU: the prior over the quick VQ-VAE's 32x32 grid (16 layers of kernel 5 see
     # all 31 rows above a code), trained against a time budget
     "quick": {"hidden": 32, "n_layers": 16, "kernel": 5, "dropout": 0.1, "epochs": 12, "minutes": 5.0,
-              "batch_size": 16, "lr": 2e-3},
+              "batch_size": 16, "lr": 4e-3},
     # a GPU: the prior over the paper VQ-VAE's 64x64 grid (21 layers of kernel 7 see all 63 rows)
     "paper": {"hidden": 128, "n_layers": 21, "kernel": 7, "dropout": 0.1, "epochs": 40, "minutes": 0.0,
               "batch_size": 32, "lr": 1e-3},

@@ -316,32 +316,35 @@ def epoch_bar(first, steps, epoch, epochs, show, say):
 class TimeBudget:
     """Turns a budget in minutes into a number of steps.
 
-    After `timing_steps` steps it extrapolates the time per step and caps the run at the
-    steps that fit in what is left of the budget, less `margin` for validation and saving,
-    so a learning-rate schedule can end with the run instead of being cut off mid-way. Past
-    the budget itself (a machine that slowed down) the run also stops at the next step."""
+    Every `timing_steps` steps (after the first few, which warm caches up) it extrapolates the
+    average time per step so far, validation and saving included, and caps the run at the
+    steps that fit in what is left of the budget, less `margin` for the last validation and
+    saving, so a learning-rate schedule can end with the run instead of being cut off mid-way.
+    Past the budget itself (a machine that slowed down) the run also stops at the next step."""
 
     clock = staticmethod(time.monotonic)
 
     def __init__(self, minutes, timing_steps=20, margin=0.12):
         self.seconds, self.timing_steps, self.margin = minutes * 60, timing_steps, margin
         self.started = self.clock()
-        self.steps_timed = 0
+        self.steps_seen = 0
         self.timing_from = None
 
     def elapsed(self):
         return self.clock() - self.started
 
     def steps_that_fit(self, step, device):
-        """Called after every step; returns the total step count once it is known, else None."""
-        self.steps_timed += 1
-        if self.steps_timed == 3:  # the first steps warm caches and allocators up; time the rest
+        """Called after every step; returns the total step count when it has a new estimate."""
+        self.steps_seen += 1
+        if self.steps_seen == 3:
             synchronize(device)
             self.timing_from = self.clock()
-        if self.steps_timed != self.timing_steps + 3:
+            return None
+        timed = self.steps_seen - 3
+        if timed <= 0 or timed % self.timing_steps:
             return None
         synchronize(device)
-        per_step = (self.clock() - self.timing_from) / self.timing_steps
+        per_step = (self.clock() - self.timing_from) / timed
         left = self.seconds * (1 - self.margin) - self.elapsed()
         return step + max(0, int(left / per_step))
 
@@ -350,25 +353,27 @@ class TimeBudget:
 
 
 def apply_time_budget(budget, state, planned_steps, device, ranks, say):
-    """After each step: fix the run's length (state.total_steps) once the budget has timed
-    enough steps, and end the run at this step when the budget is spent. Returns the total
-    when it was fixed at this step, so the learning-rate schedule can end there too."""
-    fixed = None
-    if not state.total_steps:
-        total = budget.steps_that_fit(state.step, device)
-        if total is not None:
-            # every process must end at the same step: take rank 0's estimate
-            total = int(ranks.sum(torch.tensor(float(total if ranks.main else 0), device=device)))
-            state.total_steps = fixed = max(state.step + 1, min(total, planned_steps))
-            say(f"time budget {budget.seconds / 60:g} min: training stops after step {state.total_steps} "
-                f"of {planned_steps} ({state.total_steps / planned_steps:.0%} of --epochs)")
+    """After each step: set the run's length (state.total_steps) whenever the budget has a new
+    estimate, and end the run at this step when the budget is spent. Returns the total when it
+    changed at this step, so the learning-rate schedule can end there too."""
+    changed = None
+    total = budget.steps_that_fit(state.step, device)
+    if total is not None:
+        # every process must end at the same step: take rank 0's estimate
+        total = int(ranks.sum(torch.tensor(float(total if ranks.main else 0), device=device)))
+        total = max(state.step + 1, min(total, planned_steps))
+        if not state.total_steps:
+            say(f"time budget {budget.seconds / 60:g} min: training stops after about step {total} "
+                f"of {planned_steps} ({total / planned_steps:.0%} of --epochs)")
+        if total != state.total_steps:
+            state.total_steps = changed = total
     if ranks.world > 1:
         if state.step % 10:  # processes compare clocks only every 10 steps, all at the same step
-            return fixed
+            return changed
         spent = ranks.any(budget.spent(), device)
     else:
         spent = budget.spent()
     if spent and state.step < (state.total_steps or planned_steps + 1):
         say(f"time budget spent at step {state.step}; validating and stopping")
         state.total_steps = state.step
-    return fixed
+    return changed
