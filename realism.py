@@ -395,6 +395,7 @@ def realism_run(out_dir):
     return {"run": Path(out_dir).name, "data": metrics["data_root"],
             "prior_minutes": prior["run"]["history"][-1]["seconds"] / 60, "steps": prior["run"]["step"],
             "hidden": prior["model_config"]["hidden"], "batch_size": prior["train_config"]["batch_size"],
+            "lr": prior["train_config"]["lr"],
             "val_nll_bits": prior["run"]["best"], "c2st": metrics["realism"]["c2st"]["accuracy"],
             "c2st_size": metrics["realism"]["c2st"].get("input_size", C2ST_COARSE_SIZE),
             "c2st_64": coarse["accuracy"] if coarse else None, "valid": metrics["realism"]["c2st_valid"]}
@@ -429,12 +430,12 @@ def plot_realism_vs_minutes(rows, path):
 
 
 def realism_table(rows):
-    lines = ["| run | data | prior (channels, batch) | steps | minutes | validation NLL (bits/code) | "
+    lines = ["| run | data | prior (channels, batch, peak lr) | steps | minutes | validation NLL (bits/code) | "
              "C2ST at the image size | C2ST at 64 px | controls |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(rows, key=lambda r: (r["data"], r["prior_minutes"])):
         coarse = f"{r['c2st_64']:.3f}" if r["c2st_64"] is not None else "-"
-        lines.append(f"| {r['run']} | {r['data']} | {r['hidden']}, {r['batch_size']} | {r['steps']} | "
+        lines.append(f"| {r['run']} | {r['data']} | {r['hidden']}, {r['batch_size']}, {r['lr']:g} | {r['steps']} | "
                      f"{r['prior_minutes']:.1f} | {r['val_nll_bits']:.3f} | {r['c2st']:.3f} ({r['c2st_size']} px) | "
                      f"{coarse} | {'valid' if r['valid'] else 'NOT VALID'} |")
     return "\n".join(lines)
