@@ -279,3 +279,19 @@ def test_a_bfloat16_prior_step_runs_the_network_in_bfloat16_and_keeps_float32_we
     assert torch.isfinite(loss).all() and loss.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_nucleus_keeps_the_fewest_likeliest_codes_that_reach_top_p_and_renormalises():
+    from modules import nucleus
+    probs = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.97, 0.01, 0.01, 0.01]])
+    kept = nucleus(probs, 0.75)
+    assert torch.allclose(kept, torch.tensor([[0.0, 0.625, 0.375, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(nucleus(probs, 1.0), probs)
+
+
+def test_sampling_with_a_tiny_top_p_draws_the_most_likely_code_everywhere():
+    torch.manual_seed(0)
+    model = build_prior(PixelCNNConfig(num_codes=10, hidden=8, n_layers=2, n_conditions=0, grid_size=4)).eval()
+    greedy = sample_codes(model, 2, 4, 4, top_p=1e-6, generator=torch.Generator().manual_seed(1))
+    again = sample_codes(model, 2, 4, 4, top_p=1e-6, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(greedy, again)  # no randomness left: the likeliest code at every position

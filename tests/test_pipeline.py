@@ -173,3 +173,11 @@ def test_dtype_auto_picks_bf16_only_where_the_device_has_fast_kernels_and_says_s
     assert utils.resolve_dtype("auto", torch.device(device), said.append) == expected
     assert len(said) == 1 and expected in said[0]
     assert utils.resolve_dtype("float32", torch.device(device), said.append) == "float32" and len(said) == 1
+
+
+@pytest.mark.parametrize("flags", [{"top_p": 0.0}, {"top_p": 1.5}, {"temperature": 0.0}])
+def test_sampling_settings_refuse_a_top_p_outside_0_1_or_a_temperature_of_zero(flags):
+    from dataset import DataError
+    with pytest.raises(DataError, match="--top-p"):
+        predict.sampling_settings(predict.PredictConfig(**flags))
+    assert predict.sampling_settings(predict.PredictConfig(top_p=0.9)) == {"temperature": 1.0, "top_p": 0.9}
