@@ -36,9 +36,10 @@ class PriorTrainConfig:
     data: str = opt("demo", "OASIS root holding keras_png_slices_{train,validate,test}, or 'demo'")
     vqvae: str = opt("checkpoints/vqvae_best.pt", "the trained VQ-VAE whose codes the prior models")
     epochs: int = opt(12, "passes over the training codes (at most; see --minutes)", minimum=1)
-    minutes: float = opt(5.0, "time budget of the training loop: after timing the first steps, the run is cut "
-                              "to the steps that fit (the learning rate still decays to zero at its end) and "
-                              "the best-by-validation checkpoint is kept; 0 = no budget, train all --epochs")
+    minutes: float = opt(5.0, "time budget of the training loop: timing its steps, the run is cut to the steps "
+                              "that fit (the learning rate still decays to zero at its end) and the "
+                              "best-by-validation checkpoint is kept; a resumed run gets the budget afresh; "
+                              "0 = no budget: all --epochs, the same steps on every machine")
     batch_size: int = opt(16, "code grids per step", minimum=1)
     lr: float = opt(4e-3, "peak Adam learning rate")
     warmup_steps: int = opt(20, "steps of linear learning-rate warm-up (at most a fifth of the run) before "
