@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from dataset import DataError, load_split_tensor, resolve_data_root
 from modules import PixelCNNConfig, build_prior, rows_per_layer, rows_seen_above, sample_codes
-from training import (EpochLosses, RunState, StopFlag, TimeBudget, WarmupCosine, apply_time_budget, checkpoint_due,
+from training import (EpochLosses, RunState, StopFlag, TimeBudget, WarmupCosine, apply_time_budget,
                       checkpoint_payload, epoch_bar, epoch_order, image_size_of, load_vqvae, loss_line, my_batch,
-                      resume_run, save_checkpoint, steps_per_epoch, stop_requested, stopped)
+                      resume_run, save_checkpoint, save_when_due_or_stopping, steps_per_epoch)
 from utils import (Ranks, benchmark, encode_all, make_adam, opt, parse_configs, pick_device, print_on_main,
                    process_group, resolve_dtype, run_script, set_seed, synchronize, use_fast_math, wrap_for_ranks)
 
@@ -223,13 +223,9 @@ def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
                 if at_log_point:
                     losses.check_finite()
                     write(loss_line(state.step, step_loss, ranks))
-                stopping = stop_requested(stop, ranks, at_log_point, device)
-                if stopping or checkpoint_due(state.step, cfg.checkpoint_every):
-                    losses.check_finite()
-                    if ranks.main:
-                        save(last_path)
-                if stopping:
-                    raise stopped(stop, state.step, "python pixelcnn.py --resume (with the same flags)")
+                save_when_due_or_stopping(stop, state, losses, ranks, device, at_log_point=at_log_point,
+                                          checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
+                                          resume_command="python pixelcnn.py --resume (with the same flags)")
             bar.close()
             means = losses.means(ranks)
             state.epoch, state.step_in_epoch = epoch + 1, 0

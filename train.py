@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from dataset import cases_in_several_splits, load_split_tensor, resolve_data_root
 from modules import VQVAE, VQVAEConfig
-from training import (EpochLosses, RunState, StopFlag, checkpoint_due, checkpoint_payload, epoch_bar, epoch_order,
-                      loss_line, make_scheduler, my_batch, resume_run, save_checkpoint, steps_per_epoch, stop_requested,
-                      stopped)
+from training import (EpochLosses, RunState, StopFlag, checkpoint_payload, epoch_bar, epoch_order, loss_line,
+                      make_scheduler, my_batch, resume_run, save_checkpoint, save_when_due_or_stopping,
+                      steps_per_epoch)
 from utils import (Ranks, benchmark, codebook_usage, image_grid, make_adam, opt, parse_configs, pick_device,
                    print_on_main, process_group, progress_indices, reconstruct_all, resolve_dtype, run_script,
                    save_gray_png, set_seed, ssim_per_image, to_unit, unit_batches, use_fast_math, wrap_for_ranks)
@@ -220,13 +220,9 @@ def train_on(cfg, model_cfg, ranks, device, progress, stop):
                 if at_log_point:
                     losses.check_finite()
                     write(loss_line(state.step, step_losses, ranks) + " | " + codebook_since_last_log(counts, ranks))
-                stopping = stop_requested(stop, ranks, at_log_point, device)
-                if stopping or checkpoint_due(state.step, cfg.checkpoint_every):
-                    losses.check_finite()
-                    if ranks.main:
-                        save(last_path)
-                if stopping:
-                    raise stopped(stop, state.step, "python train.py --resume (with the same flags)")
+                save_when_due_or_stopping(stop, state, losses, ranks, device, at_log_point=at_log_point,
+                                          checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
+                                          resume_command="python train.py --resume (with the same flags)")
             bar.close()
             train_loss, train_recon, train_vq = losses.means(ranks) or [float("nan")] * 3
             state.epoch, state.step_in_epoch = epoch + 1, 0

@@ -3,9 +3,10 @@ checkpoint.
 
 The loops themselves live in train.py and pixelcnn.py, where they read top to bottom; they
 call the parts that are easy to get wrong by name: `EpochLosses` (losses summed on the
-device, checked for NaN without a host sync per step), `stop_requested` (processes agree to
-stop at one step), `apply_time_budget` (a --minutes budget turned into a step count),
-`checkpoint_due`, `save_checkpoint`, and `StopFlag` (SIGINT/SIGTERM as a request to stop).
+device, checked for NaN without a host sync per step), `apply_time_budget` (a --minutes
+budget turned into a step count), `save_when_due_or_stopping` (the resumable checkpoint, and a
+stop that processes agree on), `save_checkpoint`, and `StopFlag` (SIGINT/SIGTERM as a request
+to stop).
 
 The checkpoint is one dict, built by `checkpoint_payload` and read back by
 `load_checkpoint`:
@@ -298,6 +299,19 @@ def stop_requested(stop, ranks, at_log_point, device):
 
 def checkpoint_due(step, every):
     return bool(every) and step % every == 0
+
+
+def save_when_due_or_stopping(stop, state, losses, ranks, device, *, at_log_point, checkpoint_every, save_last,
+                              resume_command):
+    """After a step: write the resumable checkpoint every `checkpoint_every` steps and when a
+    stop was requested (never with a non-finite loss), then raise to stop."""
+    stopping = stop_requested(stop, ranks, at_log_point, device)
+    if stopping or checkpoint_due(state.step, checkpoint_every):
+        losses.check_finite()
+        if ranks.main:
+            save_last()
+    if stopping:
+        raise stopped(stop, state.step, resume_command)
 
 
 def stopped(stop, step, resume_command):
