@@ -405,6 +405,12 @@ class GatedLayer(nn.Module):
         shifted = F.pad(pre, (0, 0, 1, 0))[:, :, :-1]
         return v_out, shifted
 
+    def vertical_row(self, window, cond):
+        """vertical() at one row, from the kernel // 2 + 1 rows of input at and above it (zeros
+        above the grid) -> (output row, its pre-gate features)."""
+        pre = self.v_conv(F.pad(window, self.v_pad[:2]))
+        return gate(pre, self.cond_biases(cond)[0]), pre
+
     def horizontal(self, h, v_shifted, cond):
         """Works on any band of rows: the horizontal stack never mixes rows."""
         if self.first:
@@ -503,3 +509,69 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
         if progress is not None:
             progress.update(1)
     return codes
+
+
+@torch.no_grad()
+def code_nll(model, codes, cond=None):
+    """-log p(code | the codes before it) of every code, in nats, from one pass of the prior;
+    (n, height, width)."""
+    return F.cross_entropy(model(codes, cond).float(), codes, reduction="none")
+
+
+class VerticalStacks:
+    """The gated model's vertical stacks, advanced one finished code row at a time.
+
+    sample_codes recomputes them over every row above at each row; here each layer keeps only
+    the kernel // 2 + 1 rows of its input that its next output row needs, so a whole grid
+    costs one pass of the stacks. `features` are what the horizontal stacks of the next row
+    hear from above (row 0 hears nothing)."""
+
+    def __init__(self, model, n, width, cond=None):
+        self.model, self.cond = model, cond
+        like = model.embed.position  # for the device and dtype
+        hidden, rows = model.cfg.hidden, model.cfg.kernel // 2 + 1
+        self.windows = [like.new_zeros(n, hidden, rows, width) for _ in model.layers]
+        self.features = [like.new_zeros(n, 2 * hidden, 1, width) for _ in model.layers]
+
+    def advance(self, codes_row, row):
+        """Take in the finished code row `row` (n, width); `features` then serve row + 1."""
+        v = self.model.embed(codes_row[:, None], row)
+        for i, layer in enumerate(self.model.layers):
+            self.windows[i] = torch.cat([self.windows[i][:, :, 1:], v], dim=2)
+            v, self.features[i] = layer.vertical_row(self.windows[i], self.cond)
+
+
+@torch.no_grad()
+def heal_codes(model, codes, resample, cond=None, temperature=1.0, generator=None, progress=None):
+    """The codes where `resample` is set drawn afresh from the prior, in raster order, each given
+    the codes before it as healed so far; every other code is kept ("healing", Pinaya et al.,
+    Medical Image Analysis 2022). codes, resample: (n, height, width); returns new codes.
+
+    Only the slices flagged at a position are drawn there, and rows where no slice has a flag
+    cost only the gated model's one-row step of its vertical stacks (VerticalStacks)."""
+    healed = codes.clone()
+    n, height, width = codes.shape
+    flagged = resample.any(dim=0).cpu()
+    rows = flagged.any(dim=1).nonzero()[:, 0].tolist()
+    last_row = rows[-1] if rows else -1
+    gated = isinstance(model, GatedPixelCNN)
+    stacks = VerticalStacks(model, n, width, cond) if gated else None
+    for row in range(last_row + 1):
+        for col in flagged[row].nonzero()[:, 0].tolist():
+            who = resample[:, row, col].nonzero()[:, 0]
+            who_cond = cond[who] if cond is not None else None
+            if gated:
+                band = healed[who, row:row + 1, :col + 1]
+                left = [f[who, ..., :col + 1] for f in stacks.features]
+                logits = model.horizontal_logits(band, left, who_cond, row)[:, :, 0, -1]
+            else:
+                logits = model(healed[who, :row + 1], who_cond)[:, :, row, col]
+            probs = F.softmax(logits.float() / temperature, dim=1)
+            healed[who, row, col] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if gated:
+            stacks.advance(healed[:, row], row)
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.update(height - last_row - 1)  # the rows below the last flag need nothing
+    return healed
