@@ -1,0 +1,218 @@
+"""The synthetic lesion benchmark: smooth-edged blobs drawn into held-out slices, with their
+masks, and the figures that score an anomaly map against them.
+
+Lesions are drawn in memory, deterministically from a seed; nothing is written into the data
+folders. Sizes are given in pixels at 256 x 256 (the OASIS slices' own size) and scaled to the
+images at hand. Everything here works on numpy arrays: slices (N, H, W) in [0, 1].
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.stats import rankdata
+
+from dataset import FOREGROUND_THRESHOLD, NATIVE_SIZE
+
+# The scalp and the dark skull lie up to about 13 px in from the head's edge at 256 x 256
+# (demo.py leaves out 16 px when it looks for holes); what lies further in is brain.
+BRAIN_RIM_PX_AT_256 = 16
+# Gaps in the scalp's outline up to about twice this wide are closed before the head is filled.
+HEAD_CLOSING_PX_AT_256 = 4
+# A blob's outline: a circle bent by these harmonics of the angle, each of relative amplitude
+# up to MAX_BEND, so no two lesions have the same shape.
+HARMONICS = (2, 3, 4)
+MAX_BEND = 0.12
+# The soft edge over which a lesion fades into the tissue: this share of its radius, at least 1 px.
+EDGE_SHARE = 0.3
+# A lesion that does not fit where it was drawn is shrunk by this factor until it does.
+SHRINK = 0.8
+# The bins that figures are split by: equivalent diameter (px at 256 x 256) below 10, 10 to 20,
+# 20 and more; and the sign of the lesion's contrast.
+SIZE_BIN_EDGES_AT_256 = (10.0, 20.0)
+SIZE_BINS = ("<10px", "10-20px", ">=20px")
+CONTRAST_BINS = ("bright", "dark")
+
+
+@dataclass
+class LesionSet:
+    """Slices with lesions drawn into some of them. Untouched slices keep their pixels, an
+    all-False mask, diameter nan and contrast 0."""
+    images: np.ndarray     # float32 (N, H, W) in [0, 1]: the slices as the detector sees them
+    weights: np.ndarray    # float32 (N, H, W) in [0, 1]: the share of its lesion's contrast each pixel got
+    masks: np.ndarray      # bool (N, H, W): the ground truth, where the weight is at least one half
+    lesioned: np.ndarray   # bool (N,)
+    diameters: np.ndarray  # float (N,): equivalent diameter of the mask, px at 256 x 256
+    contrasts: np.ndarray  # float (N,): the intensity added at a lesion's core (negative: darker)
+
+    def size_bin(self):
+        """The size bin (an index into SIZE_BINS) of each slice; -1 for untouched slices."""
+        bins = np.digitize(self.diameters, SIZE_BIN_EDGES_AT_256)
+        return np.where(self.lesioned, bins, -1)
+
+
+def filled_head(image):
+    """Everything inside the outline of the head of one slice in [0, 1]: its foreground, closed
+    over gaps in the scalp, with the holes (ventricles, dark skull) filled; its largest region."""
+    closing = max(1, round(HEAD_CLOSING_PX_AT_256 * image.shape[-1] / NATIVE_SIZE))
+    foreground = np.pad(np.asarray(image) > FOREGROUND_THRESHOLD, closing)  # room to close at the border
+    closed = ndimage.binary_closing(foreground, iterations=closing)[closing:-closing, closing:-closing]
+    labels, count = ndimage.label(ndimage.binary_fill_holes(closed))
+    if not count:
+        return labels > 0
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def brain_region(image):
+    """The brain of one slice in [0, 1]: its filled head, less the rim of scalp and skull."""
+    rim = BRAIN_RIM_PX_AT_256 * image.shape[-1] / NATIVE_SIZE
+    return ndimage.distance_transform_edt(filled_head(image)) > rim
+
+
+def blob_weight(shape, centre, radius, bends, phases):
+    """A smooth-edged blob: 1 inside its outline, fading to 0 over a soft edge around it, and
+    exactly 0 beyond. The outline (weight 1/2) lies `radius` from the centre, bent by HARMONICS."""
+    rows, cols = np.indices(shape, dtype=np.float64)
+    dy, dx = rows - centre[0], cols - centre[1]
+    angle = np.arctan2(dy, dx)
+    outline = radius * (1 + sum(b * np.cos(k * angle + p) for k, b, p in zip(HARMONICS, bends, phases)))
+    edge = max(1.0, EDGE_SHARE * radius)
+    t = np.clip((outline - np.hypot(dy, dx)) / edge + 0.5, 0.0, 1.0)
+    return (t * t * (3 - 2 * t)).astype(np.float32)  # smoothstep: no hard edge inside or out
+
+
+def blob_reach(radius, bends):
+    """How far from its centre a blob's weight can be above zero."""
+    return radius * (1 + float(np.sum(bends))) + max(1.0, EDGE_SHARE * radius) / 2
+
+
+def draw_lesion(image, rng, size_range_px, contrast_range):
+    """One lesion wholly inside the brain of `image` -> (lesioned image, weights, contrast), or
+    None where not even the smallest lesion fits. Sizes in px at the image's own size."""
+    diameter = rng.uniform(*size_range_px)
+    bends = rng.uniform(0, MAX_BEND, len(HARMONICS))
+    phases = rng.uniform(0, 2 * np.pi, len(HARMONICS))
+    contrast = rng.choice([-1.0, 1.0]) * rng.uniform(*contrast_range)
+    pick = rng.random()
+    depth = ndimage.distance_transform_edt(brain_region(image))
+    while blob_reach(diameter / 2, bends) >= depth.max():
+        diameter *= SHRINK
+        if diameter < size_range_px[0]:
+            return None
+    places = np.argwhere(depth > blob_reach(diameter / 2, bends))
+    centre = places[min(int(pick * len(places)), len(places) - 1)]
+    weights = blob_weight(image.shape, centre, diameter / 2, bends, phases)
+    return np.clip(image + contrast * weights, 0.0, 1.0).astype(np.float32), weights, contrast
+
+
+def make_lesion_set(images, seed, size_range=(4.0, 32.0), contrast_range=(0.15, 0.5), lesioned_share=0.5):
+    """Lesions drawn into a seeded `lesioned_share` of `images` (N, H, W) in [0, 1], one each:
+    sizes (equivalent diameter, px at 256 x 256) and contrast magnitudes uniform in their
+    ranges, brighter or darker with equal chance, placed wholly inside the brain. The same
+    seed and images give the same lesions."""
+    images = np.asarray(images, dtype=np.float32)
+    n, side = len(images), images.shape[-1]
+    scale = side / NATIVE_SIZE
+    chosen = np.zeros(n, dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(n)[:int(round(n * lesioned_share))]] = True
+    out = LesionSet(images=images.copy(), weights=np.zeros_like(images), masks=np.zeros(images.shape, bool),
+                    lesioned=np.zeros(n, dtype=bool), diameters=np.full(n, np.nan), contrasts=np.zeros(n))
+    size_range_px = (size_range[0] * scale, size_range[1] * scale)
+    for i in np.flatnonzero(chosen):
+        drawn = draw_lesion(images[i], np.random.default_rng([seed, i]), size_range_px, contrast_range)
+        if drawn is None:
+            continue
+        out.images[i], out.weights[i], out.contrasts[i] = drawn
+        out.masks[i] = out.weights[i] >= 0.5
+        out.lesioned[i] = True
+        out.diameters[i] = 2 * np.sqrt(out.masks[i].sum() / np.pi) / scale
+    return out
+
+
+# ----------------------------------------------------------------------------- detection figures
+
+def auroc(scores, labels):
+    """Area under the ROC curve: the chance that a positive scores above a negative, ties
+    counting half (Mann-Whitney); nan without both classes."""
+    labels = np.asarray(labels, dtype=bool)
+    positives, negatives = labels.sum(), labels.size - labels.sum()
+    if not positives or not negatives:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def ranked_counts(scores, labels):
+    """For each distinct score, highest first: (the score, positives and items scoring at least it)."""
+    scores, labels = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels, dtype=bool).ravel()
+    if not scores.size:
+        return scores, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    last_of_each = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    return scores[last_of_each], np.cumsum(labels)[last_of_each], last_of_each + 1
+
+
+def average_precision(scores, labels):
+    """AUPRC as average precision: the precision at each threshold weighted by the recall it
+    adds (scikit-learn's definition); nan without positives."""
+    _, true_positives, called = ranked_counts(scores, labels)
+    if not true_positives.size or not true_positives[-1]:
+        return float("nan")
+    recall = true_positives / true_positives[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * true_positives / called))
+
+
+def best_dice(scores, labels):
+    """(the best Dice over every threshold, that threshold): items scoring at least the
+    threshold are called positive. (nan, inf) without positives."""
+    thresholds, true_positives, called = ranked_counts(scores, labels)
+    if not true_positives.size or not true_positives[-1]:
+        return float("nan"), float("inf")
+    dice = 2 * true_positives / (called + true_positives[-1])
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(thresholds[best])
+
+
+def dice_at(scores, labels, threshold):
+    """Dice of the items scoring at least `threshold` against the labels; nan if both are empty."""
+    called, labels = np.asarray(scores) >= threshold, np.asarray(labels, dtype=bool)
+    total = called.sum() + labels.sum()
+    return float(2 * (called & labels).sum() / total) if total else float("nan")
+
+
+def slice_scores(maps, regions):
+    """One score per slice: the highest value of its map inside its region (0 where empty)."""
+    return np.array([m[r].max() if r.any() else 0.0 for m, r in zip(maps, regions)])
+
+
+def pixel_figures(maps, masks, regions, dice_threshold):
+    """Pixel AUROC, AUPRC and Dice (at the given threshold) over the region pixels of these slices."""
+    scores, labels = maps[regions], masks[regions]
+    return {"pixel_auroc": auroc(scores, labels), "pixel_auprc": average_precision(scores, labels),
+            "dice": dice_at(scores, labels, dice_threshold)}
+
+
+def detection_figures(maps, lesions: LesionSet, regions, dice_threshold):
+    """How well `maps` (N, H, W) find the lesions, inside `regions` (N, H, W) bool.
+
+    "all": pixel figures over every slice, lesioned or not, and slice AUROC of lesioned against
+    untouched slices (slice score: the map's maximum). "by_size" and "by_contrast": pixel
+    figures over the lesioned slices of one bin, and slice AUROC of those against every
+    untouched slice."""
+    per_slice = slice_scores(maps, regions)
+    untouched = ~lesions.lesioned
+
+    def figures(members):
+        chosen = members | untouched
+        return {**pixel_figures(maps[members], lesions.masks[members], regions[members], dice_threshold),
+                "slice_auroc": auroc(per_slice[chosen], lesions.lesioned[chosen]),
+                "n_lesioned": int((members & lesions.lesioned).sum())}
+
+    result = {"all": {**pixel_figures(maps, lesions.masks, regions, dice_threshold),
+                      "slice_auroc": auroc(per_slice, lesions.lesioned), "n_lesioned": int(lesions.lesioned.sum()),
+                      "n_untouched": int(untouched.sum())}}
+    size_bin = lesions.size_bin()
+    result["by_size"] = {name: figures(size_bin == b) for b, name in enumerate(SIZE_BINS)}
+    signs = {"bright": lesions.contrasts > 0, "dark": lesions.contrasts < 0}
+    result["by_contrast"] = {name: figures(signs[name]) for name in CONTRAST_BINS}
+    return result
