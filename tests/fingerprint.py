@@ -114,6 +114,7 @@ def parsers_built():
 
 def cli_flags():
     """Every script's flags as a user of this (GPU-less) machine gets them with no flags given."""
+    import anomaly
     import dataset
     import pixelcnn
     import predict
@@ -136,6 +137,9 @@ def cli_flags():
         sweep.parse_args(["--runs", ""])
     scripts["sweep.py"] = describe_parser(built[-1])
     scripts["dataset.py"] = describe_parser(dataset.build_parser())
+    with parsers_built() as built:
+        parse_configs("", [anomaly.AnomalyConfig], [])
+    scripts["anomaly.py"] = describe_parser(built[-1])
     presets = {"train.py": train.PRESETS, "pixelcnn.py": pixelcnn.PRESETS}
     return {"flags": scripts, "presets": json.loads(json.dumps(presets))}
 

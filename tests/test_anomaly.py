@@ -1,0 +1,259 @@
+"""Anomaly maps: the lesion benchmark draws what its masks say, healing resamples exactly the
+flagged codes, a foreign patch stands out in the map, and nothing is chosen on the test split."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import anomaly
+import pixelcnn
+import train
+from dataset import load_split
+from lesions import (LesionSet, auroc, average_precision, best_dice, brain_region, detection_figures, dice_at,
+                     make_lesion_set)
+from modules import PixelCNNConfig, VerticalStacks, build_prior, heal_codes, sample_codes
+
+from conftest import TINY_PRIOR_BATCH_2, TINY_VQVAE_BATCH_2
+
+
+@pytest.fixture(scope="module")
+def slices_128(tiny_demo):
+    """The tiny demo set's 16 slices at 128 x 128, in [0, 1]."""
+    return np.concatenate([load_split(tiny_demo, split, 128, cache_dir=None, progress=False).images
+                           for split in ("train", "validate", "test")]).astype(np.float32) / 255
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, tiny_demo):
+    """A tiny VQ-VAE and prior trained on the tiny demo set; -> (working directory, data root)."""
+    work = tmp_path_factory.mktemp("anomaly")
+    previous = os.getcwd()
+    os.chdir(work)
+    try:
+        # batch 2 gives 4 steps an epoch; these epochs take seconds and give reconstructions that follow
+        # the head and a prior that knows background from brain
+        train.main(["--data", str(tiny_demo), "--epochs", "60", "--lr", "3e-3", *TINY_VQVAE_BATCH_2])
+        pixelcnn.main(["--data", str(tiny_demo), "--epochs", "24", *TINY_PRIOR_BATCH_2])
+        yield work, tiny_demo
+    finally:
+        os.chdir(previous)
+
+
+# ----------------------------------------------------------------------------- the lesions
+
+def test_lesion_masks_match_what_was_drawn(slices_128):
+    lesions = make_lesion_set(slices_128, seed=3, size_range=(8, 24), lesioned_share=0.75)
+    assert lesions.lesioned.sum() >= 10
+    for i in range(len(slices_128)):
+        original, drawn, weights = slices_128[i], lesions.images[i], lesions.weights[i]
+        changed = drawn != original
+        if not lesions.lesioned[i]:
+            assert not changed.any() and not weights.any() and not lesions.masks[i].any()
+            assert np.isnan(lesions.diameters[i]) and lesions.contrasts[i] == 0
+            continue
+        assert not (changed & (weights == 0)).any()  # nothing changed outside the lesion
+        np.testing.assert_allclose(drawn, np.clip(original + lesions.contrasts[i] * weights, 0, 1), atol=1e-6)
+        core = lesions.masks[i]
+        np.testing.assert_array_equal(core, weights >= 0.5)
+        assert changed[core].mean() > 0.95  # the core is visible (only pixels already at 0 or 1 may stay)
+        assert not (weights > 0)[~brain_region(original)].any()  # wholly inside the brain
+        assert 0.15 <= abs(lesions.contrasts[i]) <= 0.5
+        # equivalent diameter in px at 256; a pixel at 128 is 2 px at 256
+        assert 8 - 2 <= lesions.diameters[i] <= 24 * 1.2 + 2
+        assert lesions.diameters[i] == pytest.approx(2 * np.sqrt(core.sum() / np.pi) * 2)
+    assert (lesions.contrasts > 0).any() and (lesions.contrasts < 0).any()
+
+
+def test_lesions_are_deterministic_from_the_seed_and_leave_the_input_alone(slices_128):
+    before = slices_128.copy()
+    a, b = make_lesion_set(slices_128, seed=5), make_lesion_set(slices_128, seed=5)
+    for field in ("images", "weights", "masks", "lesioned", "diameters", "contrasts"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert not np.array_equal(a.images, make_lesion_set(slices_128, seed=6).images)
+    np.testing.assert_array_equal(slices_128, before)
+    assert a.lesioned.sum() == len(slices_128) // 2  # half lesioned, half untouched
+
+
+def test_a_slice_without_room_for_a_lesion_stays_untouched():
+    empty = np.zeros((2, 64, 64), dtype=np.float32)
+    lesions = make_lesion_set(empty, seed=0, lesioned_share=1.0)
+    assert not lesions.lesioned.any() and np.array_equal(lesions.images, empty)
+
+
+# ----------------------------------------------------------------------------- the figures
+
+def test_auroc_and_auprc_on_known_inputs():
+    scores, labels = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
+    assert auroc(scores, labels) == pytest.approx(0.75)
+    assert average_precision(scores, labels) == pytest.approx(5 / 6)  # precision 1 at recall 1/2, 2/3 at 1
+    assert auroc([1, 1, 1, 1], labels) == pytest.approx(0.5)  # ties count half
+    assert average_precision([1, 1, 1, 1], labels) == pytest.approx(0.5)  # one threshold: precision 1/2
+    assert auroc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0 and auroc([0.1, 0.2, 0.9], [1, 1, 0]) == 0.0
+    assert np.isnan(auroc(scores, np.zeros(4))) and np.isnan(average_precision(scores, np.zeros(4)))
+
+
+def test_best_dice_finds_the_threshold_that_separates_and_dice_at_uses_it():
+    scores, labels = np.array([0.9, 0.8, 0.3, 0.2, 0.85]), np.array([1, 1, 0, 0, 0])
+    dice, threshold = best_dice(scores, labels)
+    assert dice == pytest.approx(0.8) and threshold == pytest.approx(0.8)  # 3 called, 2 right: 4/5
+    assert dice_at(scores, labels, threshold) == pytest.approx(dice)
+    assert best_dice([0.9, 0.1], [1, 0]) == (1.0, 0.9)
+
+
+def test_detection_figures_split_slices_by_size_and_contrast():
+    masks = np.zeros((4, 8, 8), bool)
+    masks[0, 2:4, 2:4] = masks[1, 4:6, 4:6] = True
+    lesions = LesionSet(images=np.zeros((4, 8, 8), np.float32), weights=masks.astype(np.float32), masks=masks,
+                        lesioned=np.array([True, True, False, False]), diameters=np.array([5.0, 25.0, np.nan, np.nan]),
+                        contrasts=np.array([0.3, -0.3, 0.0, 0.0]))
+    perfect = masks.astype(np.float64)
+    figures = detection_figures(perfect, lesions, np.ones_like(masks), dice_threshold=0.5)
+    assert figures["all"]["pixel_auprc"] == 1.0 and figures["all"]["dice"] == 1.0
+    assert figures["all"]["slice_auroc"] == 1.0 and figures["all"]["n_untouched"] == 2
+    assert figures["by_size"]["<10px"]["n_lesioned"] == 1 and figures["by_size"][">=20px"]["n_lesioned"] == 1
+    assert figures["by_size"]["10-20px"]["n_lesioned"] == 0
+    assert np.isnan(figures["by_size"]["10-20px"]["pixel_auprc"])
+    assert figures["by_contrast"]["bright"]["n_lesioned"] == 1 and figures["by_contrast"]["dark"]["n_lesioned"] == 1
+
+
+# ----------------------------------------------------------------------------- healing
+
+def tiny_prior(kind="gated", seed=0):
+    torch.manual_seed(seed)
+    cfg = PixelCNNConfig(num_codes=16, kind=kind, hidden=8, n_layers=3, kernel=3, n_conditions=4, grid_size=6,
+                         dropout=0.0)
+    return build_prior(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gated", "plain"])
+def test_healing_keeps_unflagged_codes_and_redraws_flagged_ones(kind):
+    model = tiny_prior(kind)
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (8, 6, 6), generator=generator)
+    flags = torch.rand(8, 6, 6, generator=generator) < 0.3
+    cond = torch.randint(0, 4, (8,), generator=generator)
+    healed = heal_codes(model, codes, flags, cond, generator=generator)
+    assert torch.equal(healed[~flags], codes[~flags])
+    assert (healed[flags] != codes[flags]).float().mean() > 0.5  # a random prior rarely redraws the same code
+    assert torch.equal(heal_codes(model, codes, torch.zeros_like(flags), cond), codes)
+
+
+def test_healing_every_code_is_sampling_from_the_prior():
+    model = tiny_prior()
+    cond = torch.tensor([0, 1, 3])
+    sampled = sample_codes(model, 3, 6, 6, cond, generator=torch.Generator().manual_seed(4))
+    healed = heal_codes(model, torch.zeros(3, 6, 6, dtype=torch.long), torch.ones(3, 6, 6, dtype=torch.bool), cond,
+                        generator=torch.Generator().manual_seed(4))
+    assert torch.equal(healed, sampled)
+
+
+def test_vertical_stacks_a_row_at_a_time_match_the_whole_grid():
+    model = tiny_prior()
+    codes, cond = torch.randint(0, 16, (2, 6, 6)), torch.tensor([2, 3])
+    whole = model.vertical_features(codes, cond)
+    stacks = VerticalStacks(model, 2, 6, cond)
+    for row in range(6):
+        for layer, features in enumerate(whole):
+            torch.testing.assert_close(stacks.features[layer][:, :, 0], features[:, :, row])
+        stacks.advance(codes[:, row], row)
+
+
+def test_healing_works_only_where_some_slice_has_a_flag(monkeypatch):
+    model = tiny_prior()
+    flags = torch.zeros(4, 6, 6, dtype=torch.bool)
+    flags[0, 1, 2] = flags[3, 1, 2] = flags[2, 4, 0] = True
+    seen = []
+    original = model.horizontal_logits
+
+    def spy(band, left, cond, row):
+        seen.append((row, band.shape[-1] - 1, len(band)))
+        return original(band, left, cond, row)
+
+    monkeypatch.setattr(model, "horizontal_logits", spy)
+    heal_codes(model, torch.randint(0, 16, (4, 6, 6)), flags, torch.zeros(4, dtype=torch.long))
+    assert seen == [(1, 2, 2), (4, 0, 1)]  # one call per flagged position, for the flagged slices only
+
+
+# ----------------------------------------------------------------------------- the maps, with trained models
+
+def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models):
+    work, data = tiny_models
+    vqvae, _ = anomaly.load_vqvae(work / "checkpoints/vqvae_best.pt", "cpu")
+    prior, _ = anomaly.load_prior(work / "checkpoints/pixelcnn_best.pt", "cpu")
+    images_u8, slices = anomaly.load_split_tensor(data, "test", 32, cache_dir=None, progress=False)
+    patch = np.zeros((len(images_u8), 32, 32), bool)
+    patch[:, 12:20, 12:20] = True  # two by two codes of background in the middle of the brain
+    images = np.where(patch, 0.0, images_u8[:, 0].numpy() / 255).astype(np.float32)
+    lesions = LesionSet(images=images, weights=patch.astype(np.float32), masks=patch, lesioned=np.ones(4, bool),
+                        diameters=np.full(4, 9.0), contrasts=np.full(4, -0.5))
+    regions = np.stack([brain_region(image) for image in images])
+    assert regions[patch].all()
+    bench = anomaly.Benchmark("test", lesions, regions, torch.as_tensor(slices.slice_idx), slices.slice_idx)
+    maps = anomaly.anomaly_maps(vqvae, prior, bench, 0.05, anomaly.AnomalyConfig(n_heal=2), "cpu")
+
+    def contrast(scores):
+        return scores[patch].mean() / scores[regions & ~patch].mean(), auroc(scores[regions], patch[regions])
+
+    # background is easy to reconstruct, so the reconstruction error is the weakest here
+    assert contrast(maps.reconstruction)[0] > 1
+    assert contrast(maps.code_nll)[0] > 1.2 and contrast(maps.code_nll)[1] > 0.7
+    assert contrast(maps.healing)[0] > 2 and contrast(maps.healing)[1] > 0.75
+
+
+def run_tiny(tiny_models, tmp_path, *flags):
+    work, data = tiny_models
+    previous = os.getcwd()
+    os.chdir(work)
+    try:
+        return anomaly.main(["--data", str(data), "--out-dir", str(tmp_path / "out"), "--n-heal", "2", *flags])
+    finally:
+        os.chdir(previous)
+
+
+def test_thresholds_are_chosen_on_validate_before_the_test_split_is_loaded(tiny_models, tmp_path, monkeypatch):
+    events = []
+    for name in ("load_split_tensor", "choose_heal_threshold", "choose_dice_thresholds"):
+        original = getattr(anomaly, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            splits = [a.split for a in args if isinstance(a, anomaly.Benchmark)]
+            events.append((_name, args[1] if _name == "load_split_tensor" else splits[0]))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(anomaly, name, spy)
+    data_files = sorted(p.relative_to(tiny_models[1]) for p in tiny_models[1].rglob("*"))
+    report = run_tiny(tiny_models, tmp_path, "--threshold", "auto", "--threshold-grid", "0.02", "0.1")
+    assert events == [("load_split_tensor", "validate"), ("choose_heal_threshold", "validate"),
+                      ("choose_dice_thresholds", "validate"), ("load_split_tensor", "test")]
+    assert report["heal_threshold"] in (0.02, 0.1) and set(report["threshold_search"]) == {"0.02", "0.1"}
+    assert sorted(p.relative_to(tiny_models[1]) for p in tiny_models[1].rglob("*")) == data_files  # nothing written
+
+
+def test_the_run_writes_its_figure_and_the_promised_figures(tiny_models, tmp_path):
+    run_tiny(tiny_models, tmp_path, "--threshold", "0.05")
+    out = tmp_path / "out"
+    assert (out / "anomaly.png").is_file()
+    report = json.loads((out / "anomaly_metrics.json").read_text())
+    assert report["split"] == "test" and report["n_slices"] == 4 and report["n_lesioned"] == 2
+    assert report["heal_threshold"] == 0.05 and report["threshold_search"] == {}
+    for method in anomaly.METHODS:
+        figures = report["methods"][method]
+        assert set(figures["all"]) >= {"pixel_auroc", "pixel_auprc", "dice", "slice_auroc"}
+        assert set(figures["by_size"]) == {"<10px", "10-20px", ">=20px"}
+        assert set(figures["by_contrast"]) == {"bright", "dark"}
+        assert 0 <= figures["all"]["pixel_auroc"] <= 1
+    assert report["test_maps_seconds"] > 0
+
+
+@pytest.mark.parametrize("flags", [["--threshold", "1.5"], ["--threshold", "often"], ["--threshold-grid", "0"],
+                                   ["--lesion-size", "30", "4"], ["--lesion-size", "8"],
+                                   ["--lesion-contrast", "0.2", "1.5"], ["--n-heal", "0"], ["--smooth", "-1"],
+                                   ["--vqvae", "missing.pt"]])
+def test_a_bad_flag_gets_a_one_line_error(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        anomaly.main(["--out-dir", str(tmp_path), *flags])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and len(error.splitlines()) == 1
