@@ -9,7 +9,8 @@ prior, each given the codes before it ("healing", Pinaya et al., Medical Image A
 2022); the healed codes are decoded, and the difference between the slice and its healed
 versions, where codes were healed, is the anomaly map. Beside it, on the same slices: the
 plain reconstruction error (the baseline) and the prior's per-code NLL, upsampled. Every map
-is masked to the brain (the head less its rim of scalp and skull).
+is masked to the brain (the head less its rim of scalp and skull) less a band along the brain's
+edge (--edge-margin), where healed outlines differ a little from every slice's, healthy or not.
 
 The benchmark (lesions.py): smooth-edged blobs of random shape, size and contrast drawn
 inside the brain of half the validate and test slices (seeded; nothing is written into the
@@ -19,8 +20,8 @@ only afterwards and reported: pixel AUROC, AUPRC and Dice, and slice AUROC (lesi
 untouched slices, each scored by its map's maximum), in all and split by lesion size and
 by bright and dark lesions.
 
-Writes out/anomaly_metrics.json (every figure, the thresholds chosen and the time the test
-maps took) and out/anomaly.png (rows: test slices; columns: the slice, its lesion mask, the
+Writes out/anomaly_metrics.json (every figure on test, the same on the validate slices the
+choices were made on, the thresholds chosen and the time the test maps took) and out/anomaly.png (rows: test slices; columns: the slice, its lesion mask, the
 reconstruction error, the code NLL, the healed slice, the anomaly map).
 """
 import json
@@ -33,11 +34,11 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
 from dataset import NATIVE_SIZE, DataError, load_split_tensor, resolve_data_root
-from lesions import (CONTRAST_BINS, SIZE_BINS, LesionSet, average_precision, best_dice, brain_region,
+from lesions import (CONTRAST_BINS, FROM_10PX, SIZE_BINS, LesionSet, average_precision, best_dice, brain_region,
                      detection_figures, make_lesion_set)
 from modules import code_nll, heal_codes
 from training import image_size_of, load_prior, load_vqvae
@@ -47,6 +48,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 METHODS = ("reconstruction", "code_nll", "healing")
+BINS = SIZE_BINS + (FROM_10PX,) + CONTRAST_BINS  # the columns of the printed table
 METHOD_NAMES = {"reconstruction": "reconstruction error", "code_nll": "code NLL", "healing": "healing"}
 
 
@@ -60,10 +62,16 @@ class AnomalyConfig:
                                  "(0, 1)); auto = the value of --threshold-grid whose healing maps score the "
                                  "best pixel AUPRC on the validate lesions")
     threshold_grid: tuple = opt((0.001, 0.003, 0.01, 0.03), "the probabilities --threshold auto chooses from")
-    n_heal: int = opt(4, "healed versions of each slice; the map averages the slice's differences from them",
+    n_heal: int = opt(4, "healed versions of each slice; the map combines the slice's differences from them",
                       minimum=1)
-    smooth: float = opt(3.0, "sigma of the Gaussian that smooths the difference maps, px at 256 x 256 (scaled "
+    combine: str = opt("min", "how the differences from the --n-heal healed versions make one map: their mean, or "
+                               "at each pixel the smallest (what no healed version explains)",
+                       choices=["mean", "min"])
+    smooth: float = opt(6.0, "sigma of the Gaussian that smooths the difference maps, px at 256 x 256 (scaled "
                              "to the image size); 0 = none")
+    edge_margin: float = opt(8.0, "the maps leave out a band this wide inside the brain's edge, px at 256 x 256 "
+                                   "(scaled to the image size): there the healed outline differs a little from "
+                                   "the slice's on every slice, healthy or not; lesions are still scored there")
     lesion_size: tuple = opt((4.0, 32.0), "smallest and largest lesion diameter, px at 256 x 256 (scaled to "
                                           "the image size)")
     lesion_contrast: tuple = opt((0.15, 0.5), "smallest and largest intensity change at a lesion's core, as a "
@@ -105,6 +113,8 @@ def check_flags(cfg: AnomalyConfig):
     check_range("lesion-contrast", cfg.lesion_contrast, upper=1.0)
     if cfg.smooth < 0:
         die(f"--smooth must be at least 0; got {cfg.smooth}")
+    if cfg.edge_margin < 0:
+        die(f"--edge-margin must be at least 0; got {cfg.edge_margin}")
 
 
 # ----------------------------------------------------------------------------- the lesioned slices
@@ -115,6 +125,7 @@ class Benchmark:
     split: str
     lesions: LesionSet
     regions: np.ndarray        # bool (N, H, W): the brain of each slice, where maps are scored
+    inner: np.ndarray          # bool (N, H, W): the brain less the band along its edge, where maps are drawn
     cond: torch.Tensor | None  # the slice positions the prior is conditioned on (None: unconditioned)
     slice_idx: np.ndarray
 
@@ -133,8 +144,16 @@ def lesion_benchmark(root, split, image_size, count, seed, cfg: AnomalyConfig, n
     ids = progress_indices(len(images_u8), count or len(images_u8))
     lesions = make_lesion_set(to_unit(images_u8[ids, 0]).numpy(), seed, cfg.lesion_size, cfg.lesion_contrast)
     regions = np.stack([brain_region(image) for image in lesions.images])
+    inner = inner_regions(regions, cfg.edge_margin * image_size / NATIVE_SIZE)
     slice_idx = slices.slice_idx[ids]
-    return Benchmark(split, lesions, regions, slice_conditions(slice_idx, n_conditions, device), slice_idx)
+    return Benchmark(split, lesions, regions, inner, slice_conditions(slice_idx, n_conditions, device), slice_idx)
+
+
+def inner_regions(regions, margin):
+    """Each region less the band within `margin` px of its edge."""
+    if margin <= 0:
+        return regions
+    return np.stack([distance_transform_edt(region) > margin for region in regions])
 
 
 # ----------------------------------------------------------------------------- maps
@@ -169,17 +188,19 @@ def upsample(grids, size, mode):
 
 def reconstruction_error_map(bench: Benchmark, encoded: Encoded, sigma):
     """The baseline: |slice - reconstruction|, smoothed, in the brain."""
-    return smooth(np.abs(bench.lesions.images - encoded.reconstructions), sigma) * bench.regions
+    return smooth(np.abs(bench.lesions.images - encoded.reconstructions), sigma) * bench.inner
 
 
 def code_nll_map(bench: Benchmark, encoded: Encoded):
     """The prior's per-code NLL, upsampled bilinearly to the image, in the brain."""
-    return upsample(encoded.nll, bench.regions.shape[-1], "bilinear") * bench.regions
+    return upsample(encoded.nll, bench.regions.shape[-1], "bilinear") * bench.inner
 
 
 @torch.no_grad()
-def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, batch_size, seed, device):
-    """Heal every slice n_heal times -> (mean |slice - healed| (N, H, W), mean healed slice, flags).
+def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, batch_size, seed, device,
+         combine="mean"):
+    """Heal every slice n_heal times -> (|slice - healed| (N, H, W) combined over the healed versions by
+    `combine`, mean healed slice, flags).
 
     The n_heal copies of every slice are healed together, batch_size code grids at a time."""
     flagged = encoded.nll > -math.log(threshold)
@@ -194,7 +215,9 @@ def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, ba
             healed.append(decode_all(vqvae, codes)[:, 0].numpy())
     images = bench.lesions.images
     healed = np.concatenate(healed).reshape(len(images), n_heal, *images.shape[1:])
-    return np.abs(images[:, None] - healed).mean(axis=1), healed.mean(axis=1), flagged
+    differences = np.abs(images[:, None] - healed)
+    combined = differences.min(axis=1) if combine == "min" else differences.mean(axis=1)
+    return combined, healed.mean(axis=1), flagged
 
 
 def healing_map(bench: Benchmark, differences, flagged, sigma):
@@ -204,7 +227,7 @@ def healing_map(bench: Benchmark, differences, flagged, sigma):
     size = bench.regions.shape[-1]
     cell = size / flagged.shape[-1]
     where_healed = gaussian_filter(upsample(flagged, size, "nearest"), (0, cell / 2, cell / 2))
-    return smooth(differences, sigma) * where_healed * bench.regions
+    return smooth(differences, sigma) * where_healed * bench.inner
 
 
 @dataclass
@@ -221,7 +244,7 @@ def anomaly_maps(vqvae, prior, bench: Benchmark, threshold, cfg: AnomalyConfig, 
     if encoded is None:
         encoded = encode(vqvae, prior, bench, device)
     differences, healed, flagged = heal(vqvae, prior, bench, encoded, threshold, cfg.n_heal, cfg.batch_size,
-                                        cfg.seed, device)
+                                        cfg.seed, device, cfg.combine)
     grid_regions = upsample(torch.from_numpy(bench.regions), flagged.shape[-1], "area") > 0.5
     return Maps(reconstruction_error_map(bench, encoded, cfg.smooth), code_nll_map(bench, encoded),
                 healing_map(bench, differences, flagged, cfg.smooth), healed,
@@ -269,12 +292,12 @@ def without_nan(value):
 
 def print_table(results):
     print(f"{'test':22s} {'pixel AUROC':>11s} {'AUPRC':>6s} {'Dice':>6s} {'slice AUROC':>11s} | "
-          + " ".join(f"{b:>8s}" for b in SIZE_BINS + CONTRAST_BINS) + "  (slice AUROC / pixel AUPRC)")
+          + " ".join(f"{b:>8s}" for b in BINS) + "  (slice AUROC / pixel AUPRC)")
     for method in METHODS:
         r = results[method]
         by_bin = {**r["by_size"], **r["by_contrast"]}
         cells = " ".join(f"{by_bin[b]['slice_auroc']:4.2f}/{by_bin[b]['pixel_auprc']:4.2f}".rjust(8)
-                         for b in SIZE_BINS + CONTRAST_BINS)
+                         for b in BINS)
         a = r["all"]
         print(f"{METHOD_NAMES[method]:22s} {a['pixel_auroc']:11.3f} {a['pixel_auprc']:6.3f} {a['dice']:6.3f} "
               f"{a['slice_auroc']:11.3f} | {cells}")
@@ -326,6 +349,8 @@ def run_anomaly(cfg: AnomalyConfig):
     print(f"validate: {len(val.slice_idx)} slices, {val.lesions.lesioned.sum()} with a lesion")
     threshold, val_maps, tried = choose_heal_threshold(vqvae, prior, val, cfg, device)
     dice_thresholds = choose_dice_thresholds(val_maps, val)
+    val_results = {m: detection_figures(getattr(val_maps, m), val.lesions, val.regions, dice_thresholds[m])
+                   for m in METHODS}
     validate_seconds = time.perf_counter() - started
     print(f"chosen on validate: heal codes below probability {threshold:g}; Dice thresholds "
           + ", ".join(f"{METHOD_NAMES[m]} {t:.4g}" for m, t in dice_thresholds.items()))
@@ -346,7 +371,8 @@ def run_anomaly(cfg: AnomalyConfig):
               "heal_threshold": threshold, "threshold_search": {str(t): s for t, s in tried.items()},
               "dice_thresholds": dice_thresholds, "healed_share": maps.healed_share,
               "test_maps_seconds": test_seconds, "validate_seconds": validate_seconds,
-              "n_validate_slices": len(val.slice_idx), "config": asdict(cfg), "methods": results}
+              "n_validate_slices": len(val.slice_idx), "config": asdict(cfg), "methods": results,
+              "validate_methods": val_results}
     (out_dir / "anomaly_metrics.json").write_text(json.dumps(without_nan(report), indent=2) + "\n")
     print_table(results)
     print(f"{len(test.slice_idx)} test slices ({report['n_lesioned']} with a lesion) at {image_size}x{image_size}; "

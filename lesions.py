@@ -30,6 +30,7 @@ SHRINK = 0.8
 # 20 and more; and the sign of the lesion's contrast.
 SIZE_BIN_EDGES_AT_256 = (10.0, 20.0)
 SIZE_BINS = ("<10px", "10-20px", ">=20px")
+FROM_10PX = ">=10px"  # the two larger size bins together
 CONTRAST_BINS = ("bright", "dark")
 
 
@@ -197,7 +198,8 @@ def detection_figures(maps, lesions: LesionSet, regions, dice_threshold):
 
     "all": pixel figures over every slice, lesioned or not, and slice AUROC of lesioned against
     untouched slices (slice score: the map's maximum). "by_size" and "by_contrast": pixel
-    figures over the lesioned slices of one bin, and slice AUROC of those against every
+    figures over the lesioned slices of one bin (by_size also ">=10px", the two larger bins
+    together), and slice AUROC of those against every
     untouched slice."""
     per_slice = slice_scores(maps, regions)
     untouched = ~lesions.lesioned
@@ -213,6 +215,7 @@ def detection_figures(maps, lesions: LesionSet, regions, dice_threshold):
                       "n_untouched": int(untouched.sum())}}
     size_bin = lesions.size_bin()
     result["by_size"] = {name: figures(size_bin == b) for b, name in enumerate(SIZE_BINS)}
+    result["by_size"][FROM_10PX] = figures(size_bin >= 1)
     signs = {"bright": lesions.contrasts > 0, "dark": lesions.contrasts < 0}
     result["by_contrast"] = {name: figures(signs[name]) for name in CONTRAST_BINS}
     return result

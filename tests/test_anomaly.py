@@ -114,6 +114,7 @@ def test_detection_figures_split_slices_by_size_and_contrast():
     assert figures["all"]["slice_auroc"] == 1.0 and figures["all"]["n_untouched"] == 2
     assert figures["by_size"]["<10px"]["n_lesioned"] == 1 and figures["by_size"][">=20px"]["n_lesioned"] == 1
     assert figures["by_size"]["10-20px"]["n_lesioned"] == 0
+    assert figures["by_size"][">=10px"]["n_lesioned"] == 1 and figures["by_size"][">=10px"]["slice_auroc"] == 1.0
     assert np.isnan(figures["by_size"]["10-20px"]["pixel_auprc"])
     assert figures["by_contrast"]["bright"]["n_lesioned"] == 1 and figures["by_contrast"]["dark"]["n_lesioned"] == 1
 
@@ -178,7 +179,8 @@ def test_healing_works_only_where_some_slice_has_a_flag(monkeypatch):
 
 # ----------------------------------------------------------------------------- the maps, with trained models
 
-def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models):
+@pytest.mark.parametrize("combine", ["mean", "min"])
+def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combine):
     work, data = tiny_models
     vqvae, _ = anomaly.load_vqvae(work / "checkpoints/vqvae_best.pt", "cpu")
     prior, _ = anomaly.load_prior(work / "checkpoints/pixelcnn_best.pt", "cpu")
@@ -190,8 +192,8 @@ def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models):
                         diameters=np.full(4, 9.0), contrasts=np.full(4, -0.5))
     regions = np.stack([brain_region(image) for image in images])
     assert regions[patch].all()
-    bench = anomaly.Benchmark("test", lesions, regions, torch.as_tensor(slices.slice_idx), slices.slice_idx)
-    maps = anomaly.anomaly_maps(vqvae, prior, bench, 0.05, anomaly.AnomalyConfig(n_heal=2), "cpu")
+    bench = anomaly.Benchmark("test", lesions, regions, regions, torch.as_tensor(slices.slice_idx), slices.slice_idx)
+    maps = anomaly.anomaly_maps(vqvae, prior, bench, 0.05, anomaly.AnomalyConfig(n_heal=2, combine=combine), "cpu")
 
     def contrast(scores):
         return scores[patch].mean() / scores[regions & ~patch].mean(), auroc(scores[regions], patch[regions])
@@ -200,6 +202,24 @@ def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models):
     assert contrast(maps.reconstruction)[0] > 1
     assert contrast(maps.code_nll)[0] > 1.2 and contrast(maps.code_nll)[1] > 0.7
     assert contrast(maps.healing)[0] > 2 and contrast(maps.healing)[1] > 0.75
+
+
+def test_the_maps_leave_out_a_band_along_the_brains_edge():
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 < 20 ** 2
+    inner = anomaly.inner_regions(disc[None], 4.0)[0]
+    assert abs(np.sqrt(inner.sum() / np.pi) - 16) < 0.6 and not (inner & ~disc).any()
+    assert (anomaly.inner_regions(disc[None], 0.0)[0] == disc).all()
+
+    images = np.random.default_rng(0).uniform(0.2, 1.0, (1, 64, 64)).astype(np.float32)
+    none = np.zeros((1, 64, 64), bool)
+    lesions = LesionSet(images=images, weights=np.zeros_like(images), masks=none, lesioned=np.zeros(1, bool),
+                        diameters=np.full(1, np.nan), contrasts=np.zeros(1))
+    bench = anomaly.Benchmark("test", lesions, disc[None], inner[None], None, np.zeros(1, int))
+    encoded = anomaly.Encoded(codes=None, nll=torch.ones(1, 8, 8), reconstructions=np.zeros_like(images))
+    band = disc & ~inner
+    for scores in (anomaly.reconstruction_error_map(bench, encoded, 0.0), anomaly.code_nll_map(bench, encoded)):
+        assert (scores[0][band] == 0).all() and (scores[0][inner] > 0).all() and (scores[0][~disc] == 0).all()
 
 
 def run_tiny(tiny_models, tmp_path, *flags):
@@ -241,7 +261,7 @@ def test_the_run_writes_its_figure_and_the_promised_figures(tiny_models, tmp_pat
     for method in anomaly.METHODS:
         figures = report["methods"][method]
         assert set(figures["all"]) >= {"pixel_auroc", "pixel_auprc", "dice", "slice_auroc"}
-        assert set(figures["by_size"]) == {"<10px", "10-20px", ">=20px"}
+        assert set(figures["by_size"]) == {"<10px", "10-20px", ">=20px", ">=10px"}
         assert set(figures["by_contrast"]) == {"bright", "dark"}
         assert 0 <= figures["all"]["pixel_auroc"] <= 1
     assert report["test_maps_seconds"] > 0
@@ -250,6 +270,7 @@ def test_the_run_writes_its_figure_and_the_promised_figures(tiny_models, tmp_pat
 @pytest.mark.parametrize("flags", [["--threshold", "1.5"], ["--threshold", "often"], ["--threshold-grid", "0"],
                                    ["--lesion-size", "30", "4"], ["--lesion-size", "8"],
                                    ["--lesion-contrast", "0.2", "1.5"], ["--n-heal", "0"], ["--smooth", "-1"],
+                                   ["--edge-margin", "-2"], ["--combine", "max"],
                                    ["--vqvae", "missing.pt"]])
 def test_a_bad_flag_gets_a_one_line_error(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
