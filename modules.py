@@ -484,28 +484,27 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
                  progress=None, top_p=1.0):
     """Ancestral sampling in raster order; returns (n, height, width) code indices.
 
-    The gated model recomputes its vertical stacks once per row and only the cheap
-    horizontal stack, left of and at the position, per position; exact because rows
-    never mix there.
+    The gated model advances its vertical stacks one finished row at a time (VerticalStacks)
+    and runs only the cheap horizontal stack, left of and at the position, per position;
+    exact because rows never mix there.
     """
     device = next(model.parameters()).device
     codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
     gated = isinstance(model, GatedPixelCNN)
+    stacks = VerticalStacks(model, n, width, cond) if gated else None
     for row in range(height):
-        v_features = None
-        if gated:
-            above = codes[:, :row + 1]
-            v_features = [f[:, :, row:row + 1] for f in model.vertical_features(above, cond)]
         for col in range(width):
             # Outputs at (row, col) never depend on later rows or columns, so they are cropped away.
             if gated:
                 band = codes[:, row:row + 1, :col + 1]
-                left = [f[..., :col + 1] for f in v_features]
+                left = [f[..., :col + 1] for f in stacks.features]
                 logits = model.horizontal_logits(band, left, cond, row)[:, :, 0, -1]
             else:
                 logits = model(codes[:, :row + 1], cond)[:, :, row, col]
             probs = nucleus(F.softmax(logits.float() / temperature, dim=1), top_p)
             codes[:, row, col] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if gated:
+            stacks.advance(codes[:, row], row)
         if progress is not None:
             progress.update(1)
     return codes
@@ -521,7 +520,7 @@ def code_nll(model, codes, cond=None):
 class VerticalStacks:
     """The gated model's vertical stacks, advanced one finished code row at a time.
 
-    sample_codes recomputes them over every row above at each row; here each layer keeps only
+    Rather than running the stacks over every row above at each row, each layer keeps only
     the kernel // 2 + 1 rows of its input that its next output row needs, so a whole grid
     costs one pass of the stacks. `features` are what the horizontal stacks of the next row
     hear from above (row 0 hears nothing)."""
