@@ -21,8 +21,9 @@ untouched slices, each scored by its map's maximum), in all and split by lesion 
 by bright and dark lesions.
 
 Writes out/anomaly_metrics.json (every figure on test, the same on the validate slices the
-choices were made on, the thresholds chosen and the time the test maps took) and out/anomaly.png (rows: test slices; columns: the slice, its lesion mask, the
-reconstruction error, the code NLL, the healed slice, the anomaly map).
+choices were made on, the thresholds chosen and the time the test maps took) and
+out/anomaly.png (rows: test slices; columns: the slice, its lesion mask, the reconstruction
+error, the code NLL, the healed slice, the anomaly map).
 """
 import json
 import math
@@ -38,8 +39,8 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
 from dataset import NATIVE_SIZE, DataError, load_split_tensor, resolve_data_root
-from lesions import (CONTRAST_BINS, FROM_10PX, SIZE_BINS, LesionSet, average_precision, best_dice, brain_region,
-                     detection_figures, make_lesion_set)
+from lesions import (CONTRAST_BINS, FROM_10PX, SIZE_BINS, LesionSet, average_precision, best_dice,
+                     brain_region, detection_figures, make_lesion_set)
 from modules import code_nll, heal_codes
 from training import image_size_of, load_prior, load_vqvae
 from utils import decode_all, die, opt, parse_configs, pick_device, progress_indices, run_script, set_seed, to_unit
@@ -187,12 +188,12 @@ def upsample(grids, size, mode):
 
 
 def reconstruction_error_map(bench: Benchmark, encoded: Encoded, sigma):
-    """The baseline: |slice - reconstruction|, smoothed, in the brain."""
+    """The baseline: |slice - reconstruction|, smoothed, in the brain less its edge band."""
     return smooth(np.abs(bench.lesions.images - encoded.reconstructions), sigma) * bench.inner
 
 
 def code_nll_map(bench: Benchmark, encoded: Encoded):
-    """The prior's per-code NLL, upsampled bilinearly to the image, in the brain."""
+    """The prior's per-code NLL, upsampled bilinearly to the image, in the brain less its edge band."""
     return upsample(encoded.nll, bench.regions.shape[-1], "bilinear") * bench.inner
 
 
@@ -223,7 +224,7 @@ def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, ba
 def healing_map(bench: Benchmark, differences, flagged, sigma):
     """The difference from the healed slices, smoothed, where codes were healed: weighted by the
     map of flagged codes, upsampled and smoothed over about a code cell (Pinaya et al. filter
-    their residuals by the resampling mask so), in the brain."""
+    their residuals by the resampling mask so), in the brain less its edge band."""
     size = bench.regions.shape[-1]
     cell = size / flagged.shape[-1]
     where_healed = gaussian_filter(upsample(flagged, size, "nearest"), (0, cell / 2, cell / 2))
