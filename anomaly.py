@@ -198,8 +198,7 @@ def code_nll_map(bench: Benchmark, encoded: Encoded):
 
 
 @torch.no_grad()
-def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, batch_size, seed, device,
-         combine="mean"):
+def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, batch_size, seed, device, combine):
     """Heal every slice n_heal times -> (|slice - healed| (N, H, W) combined over the healed versions by
     `combine`, mean healed slice, flags).
 
