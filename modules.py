@@ -278,7 +278,7 @@ class PixelCNNConfig:
     kernel: int = opt(5, "kernel width of the gated layers (odd)", minimum=3)
     n_conditions: int = opt(32, "slice positions to condition on; 0 = unconditional")
     grid_size: int = opt(32, "side of the code grid; taken from the VQ-VAE checkpoint")
-    dropout: float = opt(0.1, "dropout inside the layers")
+    dropout: float = opt(0.0, "dropout inside the layers")
 
 
 def rows_per_layer(cfg: PixelCNNConfig):

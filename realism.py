@@ -395,26 +395,34 @@ def realism_run(out_dir):
     return {"run": Path(out_dir).name, "data": metrics["data_root"],
             "prior_minutes": prior["run"]["history"][-1]["seconds"] / 60, "steps": prior["run"]["step"],
             "hidden": prior["model_config"]["hidden"], "batch_size": prior["train_config"]["batch_size"],
-            "lr": prior["train_config"]["lr"],
+            "lr": prior["train_config"]["lr"], "dropout": prior["model_config"]["dropout"],
+            "lr_hold": prior["train_config"].get("lr_hold", 0.0),  # checkpoints before --lr-hold decayed at once
             "val_nll_bits": prior["run"]["best"], "c2st": metrics["realism"]["c2st"]["accuracy"],
             "c2st_size": metrics["realism"]["c2st"].get("input_size", C2ST_COARSE_SIZE),
             "c2st_64": coarse["accuracy"] if coarse else None, "valid": metrics["realism"]["c2st_valid"]}
 
 
 def plot_realism_vs_minutes(rows, path):
-    """C2ST against the prior's training minutes, one line per data root."""
+    """C2ST against the prior's training minutes, one line per data root and training recipe
+    (peak learning rate, dropout, share of the run at the peak): runs of different recipes are
+    not points of one curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for data in sorted({row["data"] for row in rows}):
-        mine = sorted((row for row in rows if row["data"] == data), key=lambda row: row["prior_minutes"])
+    def recipe(row):
+        return row["data"], row["lr"], row["dropout"], row["lr_hold"]
+
+    for data, lr, dropout, hold in sorted({recipe(row) for row in rows}):
+        mine = sorted((row for row in rows if recipe(row) == (data, lr, dropout, hold)),
+                      key=lambda row: row["prior_minutes"])
+        name = f"{Path(data).name}, lr {lr:g}, dropout {dropout:g}, hold {hold:g}"
         line, = ax.plot([r["prior_minutes"] for r in mine], [r["c2st"] for r in mine], "o-",
-                        label=f"{Path(data).name}, at the image size")
+                        label=f"{name}, at the image size")
         coarse = [r for r in mine if r["c2st_64"] is not None]
         ax.plot([r["prior_minutes"] for r in coarse], [r["c2st_64"] for r in coarse], "s--", color=line.get_color(),
-                alpha=0.6, label=f"{Path(data).name}, at 64 px")
+                alpha=0.6, label=f"{name}, at 64 px")
         for r in mine:
             ax.annotate(r["run"], (r["prior_minutes"], r["c2st"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
@@ -430,12 +438,13 @@ def plot_realism_vs_minutes(rows, path):
 
 
 def realism_table(rows):
-    lines = ["| run | data | prior (channels, batch, peak lr) | steps | minutes | validation NLL (bits/code) | "
-             "C2ST at the image size | C2ST at 64 px | controls |",
+    lines = ["| run | data | prior (channels, batch, peak lr, dropout, lr hold) | steps | minutes | "
+             "validation NLL (bits/code) | C2ST at the image size | C2ST at 64 px | controls |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(rows, key=lambda r: (r["data"], r["prior_minutes"])):
         coarse = f"{r['c2st_64']:.3f}" if r["c2st_64"] is not None else "-"
-        lines.append(f"| {r['run']} | {r['data']} | {r['hidden']}, {r['batch_size']}, {r['lr']:g} | {r['steps']} | "
+        recipe = f"{r['hidden']}, {r['batch_size']}, {r['lr']:g}, {r['dropout']:g}, {r['lr_hold']:g}"
+        lines.append(f"| {r['run']} | {r['data']} | {recipe} | {r['steps']} | "
                      f"{r['prior_minutes']:.1f} | {r['val_nll_bits']:.3f} | {r['c2st']:.3f} ({r['c2st_size']} px) | "
                      f"{coarse} | {'valid' if r['valid'] else 'NOT VALID'} |")
     return "\n".join(lines)

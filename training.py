@@ -210,14 +210,15 @@ def make_scheduler(optimizer, milestones, gamma, total_steps):
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
-    """Linear warm-up, then a cosine decay to zero at total_steps. The warm-up lasts
-    warmup_steps, or a fifth of the run if that is shorter.
+    """Linear warm-up, then the peak rate held for a share `hold` of the remaining steps, then a
+    cosine decay to zero at total_steps. The warm-up lasts warmup_steps, or a fifth of the run if
+    that is shorter.
 
     total_steps may be lowered while the run is under way (a time budget fixes it once the
     speed is known); it is part of the state_dict, so a resumed run decays the same way."""
 
-    def __init__(self, optimizer, warmup_steps, total_steps):
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+    def __init__(self, optimizer, warmup_steps, total_steps, hold=0.0):
+        self.warmup_steps, self.total_steps, self.hold = warmup_steps, total_steps, hold
         super().__init__(optimizer)
 
     def factor(self, step):
@@ -225,7 +226,9 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, self.total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if progress <= self.hold:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - self.hold) / max(1e-9, 1 - self.hold))))
 
     def get_lr(self):
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]

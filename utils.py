@@ -23,12 +23,14 @@ def opt(default, help, **extra):
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
-def at_least(kind, minimum):
-    """An argparse type that also refuses values below `minimum`."""
+def at_least(kind, minimum, maximum=None):
+    """An argparse type that also refuses values below `minimum` (and above `maximum`, if given)."""
     def convert(text):
         value = kind(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
         return value
     convert.__name__ = kind.__name__
     return convert
@@ -46,7 +48,7 @@ def add_config_flags(parser, config_cls):
         elif isinstance(default, (list, tuple)):
             kwargs.update(type=float, nargs="*")
         elif "minimum" in f.metadata:
-            kwargs["type"] = at_least(type(default), f.metadata["minimum"])
+            kwargs["type"] = at_least(type(default), f.metadata["minimum"], f.metadata.get("maximum"))
         else:
             kwargs["type"] = type(default)
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)

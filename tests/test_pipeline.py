@@ -106,6 +106,15 @@ def test_train_on_a_missing_data_root_gives_a_one_line_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "nowhere" in err
 
 
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_an_lr_hold_outside_0_to_1_gets_a_one_line_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pixelcnn.main(["--lr-hold", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--lr-hold" in err
+
+
 def test_a_preset_sets_defaults_and_explicit_flags_win():
     from modules import VQVAEConfig
     from utils import parse_configs

@@ -330,6 +330,7 @@ def test_realism_against_minutes_reads_each_runs_prior_and_plots_them(tmp_path, 
     assert figure.is_file()
     table = capsys.readouterr().out
     assert table.index("| short |") < table.index("| long |") and "0.800 (128 px)" in table
+    assert "| 8, 16, 0.008, 0, 0.8 |" in table  # channels, batch, peak lr, dropout, lr hold
 
 
 def test_realism_against_minutes_names_a_run_without_a_realism_entry(tmp_path, capsys):

@@ -80,6 +80,21 @@ def test_warmup_cosine_rises_linearly_then_decays_to_zero_where_the_run_ends():
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[10] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_warmup_cosine_holds_the_peak_for_its_share_of_the_run_before_decaying():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = WarmupCosine(optimizer, warmup_steps=2, total_steps=22, hold=0.5)
+    lrs = []
+    for _ in range(22):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:2] == pytest.approx([0.5, 1.0])
+    assert lrs[2:13] == pytest.approx([1.0] * 11)  # the first half of the 20 steps after the warm-up
+    assert lrs[13] < 1.0 and lrs[17] == pytest.approx(0.5) and lrs[22] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
 class TickingClock:
     """Stands in for time.monotonic: every reading is one second after the last."""
 
