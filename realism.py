@@ -410,7 +410,7 @@ def plot_realism_vs_minutes(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     def recipe(row):
         return row["data"], row["lr"], row["dropout"], row["lr_hold"]
 
@@ -430,7 +430,7 @@ def plot_realism_vs_minutes(rows, path):
     ax.set(xlabel="prior training minutes", ylabel="C2ST accuracy (0.5 = indistinguishable)", ylim=(0.45, 1.02),
            title="samples against reconstructed real slices")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot: it never hides a point
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
