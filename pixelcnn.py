@@ -42,8 +42,8 @@ class PriorTrainConfig:
                               "0 = no budget: all --epochs, the same steps on every machine")
     batch_size: int = opt(16, "code grids per step", minimum=1)
     lr: float = opt(8e-3, "peak Adam learning rate")
-    warmup_steps: int = opt(20, "steps of linear learning-rate warm-up (at most a fifth of the run) before "
-                                "the cosine decay to zero", minimum=0)
+    warmup_steps: int = opt(20, "steps of linear learning-rate warm-up (at most a fifth of the run) up to "
+                                "the peak rate", minimum=0)
     lr_hold: float = opt(0.8, "share of the steps after the warm-up that keep the peak learning rate before "
                               "the cosine decay begins (0 to 1)", minimum=0, maximum=1)
     dtype: str = opt("auto", "autocast dtype of the forward pass during training; auto = bfloat16 where the "

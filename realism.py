@@ -410,10 +410,10 @@ def plot_realism_vs_minutes(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 4.5))
     def recipe(row):
         return row["data"], row["lr"], row["dropout"], row["lr_hold"]
 
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     for data, lr, dropout, hold in sorted({recipe(row) for row in rows}):
         mine = sorted((row for row in rows if recipe(row) == (data, lr, dropout, hold)),
                       key=lambda row: row["prior_minutes"])

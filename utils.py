@@ -23,7 +23,7 @@ def opt(default, help, **extra):
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
-def at_least(kind, minimum, maximum=None):
+def in_range(kind, minimum, maximum=None):
     """An argparse type that also refuses values below `minimum` (and above `maximum`, if given)."""
     def convert(text):
         value = kind(text)
@@ -48,7 +48,7 @@ def add_config_flags(parser, config_cls):
         elif isinstance(default, (list, tuple)):
             kwargs.update(type=float, nargs="*")
         elif "minimum" in f.metadata:
-            kwargs["type"] = at_least(type(default), f.metadata["minimum"], f.metadata.get("maximum"))
+            kwargs["type"] = in_range(type(default), f.metadata["minimum"], f.metadata.get("maximum"))
         else:
             kwargs["type"] = type(default)
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
