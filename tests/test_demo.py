@@ -258,3 +258,14 @@ def test_dark_holes_counts_black_spots_inside_the_head_but_not_its_dark_rim_or_s
     speck[60:62, 60:62] = 0                              # 4 px: under the 10 px that count at 128
     spots[50:55, 50:55], spots[70:76, 70:76] = 0, 3      # two black spots, one of them not quite 0
     assert demo.dark_holes(np.stack([head, rim, speck, spots])).tolist() == [0, 0, 0, 2]
+
+
+def test_dark_holes_leave_ventricles_as_dark_as_real_cerebrospinal_fluid_alone():
+    size = 128
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    head = np.where(xx ** 2 + yy ** 2 < 45 ** 2, 120, 0).astype(np.uint8)
+    ventricles, hole = head.copy(), head.copy()
+    ventricles[50:60, 55:75] = 10                        # 0.04 of full scale: the darkest real CSF
+    hole[50:60, 55:75] = 10
+    hole[70:75, 60:65] = 2                               # as black as the background
+    assert demo.dark_holes(np.stack([ventricles, hole])).tolist() == [0, 1]
