@@ -38,7 +38,7 @@ class TrainConfig:
     image_size: int = opt(128, "train and evaluate at this size (OASIS slices are 256x256)", minimum=1)
     epochs: int = opt(18, "passes over the training split", minimum=1)
     batch_size: int = opt(16, "images per step", minimum=1)
-    lr: float = opt(2e-3, "Adam learning rate")
+    lr: float = opt(1e-3, "Adam learning rate")
     milestones: list = opt((0.6, 0.85), "MultiStepLR milestones as fractions of all steps")
     lr_gamma: float = opt(0.3, "learning-rate factor at each milestone")
     vflip: bool = opt(False, "augment by flipping training slices top-bottom (left-right hemispheres)")
@@ -69,11 +69,11 @@ class TrainConfig:
 PRESETS = {
     # fits a 2-core CPU in minutes (the flags' own defaults; chosen on a CPU)
     "quick": {"image_size": 128, "hidden": 64, "res_hidden": 32, "num_codes": 256, "code_dim": 64,
-              "batch_size": 16, "lr": 2e-3},
+              "batch_size": 16},
     # van den Oord et al. 2017 at full OASIS resolution: 256 hidden units everywhere, 512 x 64 codes
     # (chosen on a GPU)
     "paper": {"image_size": 256, "hidden": 256, "res_hidden": 256, "num_codes": 512, "code_dim": 64,
-              "batch_size": 32, "lr": 1e-3},
+              "batch_size": 32},
 }
 
 

@@ -129,9 +129,9 @@ def test_a_preset_sets_defaults_and_explicit_flags_win():
 
 def test_without_a_preset_a_gpu_run_gets_the_paper_model_and_a_cpu_run_the_quick_one():
     cfg, model_cfg = train.parse_args(["--device", "cuda"])  # parsing only: nothing touches a GPU
-    assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes, cfg.lr) == (256, 256, 512, 1e-3)
+    assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes) == (256, 256, 512)
     cfg, model_cfg = train.parse_args(["--device", "cpu"])
-    assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes, cfg.lr) == (128, 64, 256, 2e-3)
+    assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes) == (128, 64, 256)
     cfg, _ = train.parse_args(["--device", "cuda", "--preset", "quick", "--image-size", "64"])
     assert cfg.image_size == 64
 
