@@ -38,12 +38,17 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
-from dataset import NATIVE_SIZE, DataError, load_split_tensor, resolve_data_root
-from lesions import (CONTRAST_BINS, FROM_10PX, SIZE_BINS, LesionSet, average_precision, best_dice,
-                     brain_region, detection_figures, make_lesion_set)
-from modules import code_nll, heal_codes
-from training import image_size_of, load_prior, load_vqvae
-from utils import decode_all, die, opt, parse_configs, pick_device, progress_indices, run_script, set_seed, to_unit
+from brain import brain_region
+from checkpoint import image_size_of, load_prior, load_vqvae
+from cli import die, opt, parse_configs, run_script
+from dataset import load_split_tensor, resolve_data_root
+from files import progress_indices
+from hardware import pick_device, set_seed
+from lesions import CONTRAST_BINS, FROM_10PX, SIZE_BINS, LesionSet, detection_figures, make_lesion_set
+from metrics import average_precision, best_dice
+from prior import code_nll, heal_codes, slice_conditions
+from slices import NATIVE_SIZE
+from vqvae import decode_all, to_unit
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -129,14 +134,6 @@ class Benchmark:
     inner: np.ndarray          # bool (N, H, W): the brain less the band along its edge, where maps are drawn
     cond: torch.Tensor | None  # the slice positions the prior is conditioned on (None: unconditioned)
     slice_idx: np.ndarray
-
-
-def slice_conditions(slice_idx, n_conditions, device):
-    if not n_conditions:
-        return None
-    if int(slice_idx.max()) >= n_conditions:
-        raise DataError(f"slice index {int(slice_idx.max())} is beyond the prior's {n_conditions} positions")
-    return torch.as_tensor(slice_idx, device=device)
 
 
 def lesion_benchmark(root, split, image_size, count, seed, cfg: AnomalyConfig, n_conditions, device):

@@ -9,15 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from scipy.stats import rankdata
 
-from dataset import FOREGROUND_THRESHOLD, NATIVE_SIZE
+from brain import brain_region
+from metrics import auroc, average_precision, dice_at
+from slices import NATIVE_SIZE
 
-# The scalp and the dark skull lie up to about 13 px in from the head's edge at 256 x 256
-# (demo.py leaves out 16 px when it looks for holes); what lies further in is brain.
-BRAIN_RIM_PX_AT_256 = 16
-# Gaps in the scalp's outline up to about twice this wide are closed before the head is filled.
-HEAD_CLOSING_PX_AT_256 = 4
 # A blob's outline: a circle bent by these harmonics of the angle, each of relative amplitude
 # up to MAX_BEND, so no two lesions have the same shape.
 HARMONICS = (2, 3, 4)
@@ -49,24 +45,6 @@ class LesionSet:
         """The size bin (an index into SIZE_BINS) of each slice; -1 for untouched slices."""
         bins = np.digitize(self.diameters, SIZE_BIN_EDGES_AT_256)
         return np.where(self.lesioned, bins, -1)
-
-
-def filled_head(image):
-    """Everything inside the outline of the head of one slice in [0, 1]: its foreground, closed
-    over gaps in the scalp, with the holes (ventricles, dark skull) filled; its largest region."""
-    closing = max(1, round(HEAD_CLOSING_PX_AT_256 * image.shape[-1] / NATIVE_SIZE))
-    foreground = np.pad(np.asarray(image) > FOREGROUND_THRESHOLD, closing)  # room to close at the border
-    closed = ndimage.binary_closing(foreground, iterations=closing)[closing:-closing, closing:-closing]
-    labels, count = ndimage.label(ndimage.binary_fill_holes(closed))
-    if not count:
-        return labels > 0
-    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
-
-
-def brain_region(image):
-    """The brain of one slice in [0, 1]: its filled head, less the rim of scalp and skull."""
-    rim = BRAIN_RIM_PX_AT_256 * image.shape[-1] / NATIVE_SIZE
-    return ndimage.distance_transform_edt(filled_head(image)) > rim
 
 
 def blob_weight(shape, centre, radius, bends, phases):
@@ -130,56 +108,6 @@ def make_lesion_set(images, seed, size_range=(4.0, 32.0), contrast_range=(0.15, 
 
 
 # ----------------------------------------------------------------------------- detection figures
-
-def auroc(scores, labels):
-    """Area under the ROC curve: the chance that a positive scores above a negative, ties
-    counting half (Mann-Whitney); nan without both classes."""
-    labels = np.asarray(labels, dtype=bool)
-    positives, negatives = labels.sum(), labels.size - labels.sum()
-    if not positives or not negatives:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def ranked_counts(scores, labels):
-    """For each distinct score, highest first: (the score, positives and items scoring at least it)."""
-    scores, labels = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels, dtype=bool).ravel()
-    if not scores.size:
-        return scores, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    order = np.argsort(-scores, kind="stable")
-    scores, labels = scores[order], labels[order]
-    last_of_each = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    return scores[last_of_each], np.cumsum(labels)[last_of_each], last_of_each + 1
-
-
-def average_precision(scores, labels):
-    """AUPRC as average precision: the precision at each threshold weighted by the recall it
-    adds (scikit-learn's definition); nan without positives."""
-    _, true_positives, called = ranked_counts(scores, labels)
-    if not true_positives.size or not true_positives[-1]:
-        return float("nan")
-    recall = true_positives / true_positives[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * true_positives / called))
-
-
-def best_dice(scores, labels):
-    """(the best Dice over every threshold, that threshold): items scoring at least the
-    threshold are called positive. (nan, inf) without positives."""
-    thresholds, true_positives, called = ranked_counts(scores, labels)
-    if not true_positives.size or not true_positives[-1]:
-        return float("nan"), float("inf")
-    dice = 2 * true_positives / (called + true_positives[-1])
-    best = int(np.argmax(dice))
-    return float(dice[best]), float(thresholds[best])
-
-
-def dice_at(scores, labels, threshold):
-    """Dice of the items scoring at least `threshold` against the labels; nan if both are empty."""
-    called, labels = np.asarray(scores) >= threshold, np.asarray(labels, dtype=bool)
-    total = called.sum() + labels.sum()
-    return float(2 * (called & labels).sum() / total) if total else float("nan")
-
 
 def slice_scores(maps, regions):
     """One score per slice: the highest value of its map inside its region (0 where empty)."""

@@ -11,7 +11,6 @@ two baselines: uniform (log2 of the codebook size) and the code-frequency entrop
 Keeps checkpoints/pixelcnn_last.pt and the best-by-validation-NLL checkpoints/pixelcnn_best.pt.
 """
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -20,13 +19,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import DataError, load_split_tensor, resolve_data_root
-from modules import PixelCNNConfig, build_prior, rows_per_layer, rows_seen_above, sample_codes
-from training import (EpochLosses, RunState, StopFlag, TimeBudget, WarmupCosine, apply_time_budget,
-                      checkpoint_payload, epoch_bar, epoch_order, image_size_of, load_vqvae, loss_line, my_batch,
-                      resume_run, save_checkpoint, save_when_due_or_stopping, steps_per_epoch)
-from utils import (Ranks, benchmark, encode_all, make_adam, opt, parse_configs, pick_device, print_on_main,
-                   process_group, resolve_dtype, run_script, set_seed, synchronize, use_fast_math, wrap_for_ranks)
+from bench import BenchmarkConfig, report, time_steps
+from bench import prepare as prepare_benchmark
+from checkpoint import RunState, checkpoint_payload, image_size_of, load_vqvae, resume_run, save_checkpoint
+from cli import opt, parse_configs, run_script
+from dataset import load_split_tensor, resolve_data_root
+from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, synchronize,
+                      use_fast_math, wrap_for_ranks)
+from prior import PixelCNNConfig, build_prior, rows_per_layer, rows_seen_above, sample_codes, slice_conditions
+from training import (EpochLosses, StopFlag, TimeBudget, WarmupCosine, apply_time_budget, epoch_bar, epoch_order,
+                      loss_line, make_adam, my_batch, save_when_due_or_stopping, steps_per_epoch)
+from vqvae import encode_all
 
 LN2 = math.log(2)
 
@@ -57,11 +60,10 @@ class PriorTrainConfig:
     log_every: int = opt(50, "steps between loss log lines", minimum=1)
     checkpoint_every: int = opt(0, "also write pixelcnn_last.pt every this many steps; 0 = once per epoch")
     resume: bool = opt(False, "continue exactly from checkpoint_dir/pixelcnn_last.pt")
-    benchmark: bool = opt(False, "time training steps and sampling on random codes of --grid-size and "
-                                 "--num-codes (speed does not depend on their values, so no VQ-VAE is "
-                                 "needed) and print one JSON line; writes nothing")
-    benchmark_steps: int = opt(20, "timed training steps of --benchmark", minimum=1)
-    benchmark_warmup: int = opt(3, "untimed training steps before them", minimum=0)
+
+
+@dataclass
+class PriorBenchmarkConfig(BenchmarkConfig):
     benchmark_samples: int = opt(64, "code grids --benchmark samples, timed; 0 = skip sampling", minimum=0)
 
 
@@ -100,14 +102,6 @@ def frequency_entropy_bits(codes, num_codes):
     return float(-(p * p.log2()).sum())
 
 
-def conditions_for(slice_idx, cfg: PixelCNNConfig):
-    if not cfg.n_conditions:
-        return None
-    if int(slice_idx.max()) >= cfg.n_conditions:
-        raise DataError(f"slice index {int(slice_idx.max())} is beyond --n-conditions {cfg.n_conditions}")
-    return slice_idx
-
-
 @torch.no_grad()
 def nll_bits(model, codes, slice_idx, batch_size=64, ranks=None):
     """Mean negative log-likelihood per code, in bits (shared out among processes)."""
@@ -134,135 +128,127 @@ def receptive_field_note(cfg: PixelCNNConfig):
             f"grid is predicted without its top; --n-layers {layers} would cover it")
 
 
-def make_train_step(model, forward, optimizer, scheduler, dtype, device_type):
-    bf16 = dtype == "bfloat16"
-
-    def train_step(codes, cond):
-        model.train()
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(codes, cond)
-        loss = F.cross_entropy(logits.float(), codes)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        return loss.detach()[None]
-    return train_step
+def train_step(model, forward, optimizer, scheduler, codes, cond, dtype):
+    """One optimisation step on a batch of code grids; returns the detached loss as a 1-element
+    device tensor, so nothing waits for the device."""
+    model.train()
+    with torch.autocast(codes.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        logits = forward(codes, cond)
+    loss = F.cross_entropy(logits.float(), codes)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()[None]
 
 
 def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True, stop=None):
     """Train the prior and return its history; raises as train.train does.
     Started by torchrun, every process trains on its share of each batch."""
     with process_group(cfg.device) as (ranks, device):
-        return train_prior_on(cfg, model_cfg, ranks, device, progress and ranks.main, stop)
+        progress = progress and ranks.main
+        set_seed(cfg.seed)
+        say = print_on_main(ranks)
+        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
+        use_fast_math(device, cfg.dtype)
+        vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
+        image_size = image_size_of(vq_ckpt)
+        model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
+                                        grid_size=image_size // 2 ** vqvae.cfg.n_downsample)
+        root = resolve_data_root(cfg.data)
+        train_codes, train_slices, flipped_codes = encode_split(vqvae, root, "train", image_size, device, progress,
+                                                                flipped=cfg.vflip)
+        val_codes, val_slices, _ = encode_split(vqvae, root, "validate", image_size, device, progress)
+        train_cond = slice_conditions(train_slices, model_cfg.n_conditions)
+        val_cond = slice_conditions(val_slices, model_cfg.n_conditions)
+        del vqvae
+        grid = tuple(train_codes.shape[1:])
+        baselines = {"uniform_bits": math.log2(model_cfg.num_codes),
+                     "frequency_entropy_bits": frequency_entropy_bits(train_codes, model_cfg.num_codes)}
+        say(f"codes: train {tuple(train_codes.shape)} | validate {tuple(val_codes.shape)} | "
+            f"baselines: uniform {baselines['uniform_bits']:.3f} bits, "
+            f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f} bits")
 
+        model = build_prior(model_cfg).to(device)
+        say(f"{model_cfg.kind} PixelCNN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"conditioned on {'slice position' if model_cfg.n_conditions else 'nothing'}")
+        say(receptive_field_note(model_cfg))
+        forward = wrap_for_ranks(model, ranks, device)
+        optimizer = make_adam(model.parameters(), cfg.lr, device)
+        n_steps = steps_per_epoch(len(train_codes), cfg.batch_size, ranks)
+        scheduler = WarmupCosine(optimizer, cfg.warmup_steps, cfg.epochs * n_steps, cfg.lr_hold)
+        last_path = Path(cfg.checkpoint_dir) / "pixelcnn_last.pt"
+        best_path = Path(cfg.checkpoint_dir) / "pixelcnn_best.pt"
+        state = RunState(best=math.inf)
+        if cfg.resume:
+            state = resume_run(last_path, "pixelcnn", "python pixelcnn.py", model, model_cfg, optimizer, scheduler)
+        slice_counts = torch.bincount(train_slices.cpu(), minlength=max(model_cfg.n_conditions, 1))
 
-def train_prior_on(cfg, model_cfg, ranks, device, progress, stop):
-    set_seed(cfg.seed)
-    say = print_on_main(ranks)
-    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
-    use_fast_math(device, cfg.dtype)
-    vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
-    image_size = image_size_of(vq_ckpt)
-    model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
-                                    grid_size=image_size // 2 ** vqvae.cfg.n_downsample)
-    root = resolve_data_root(cfg.data)
-    train_codes, train_slices, flipped_codes = encode_split(vqvae, root, "train", image_size, device, progress,
-                                                            flipped=cfg.vflip)
-    val_codes, val_slices, _ = encode_split(vqvae, root, "validate", image_size, device, progress)
-    train_cond, val_cond = conditions_for(train_slices, model_cfg), conditions_for(val_slices, model_cfg)
-    del vqvae
-    grid = tuple(train_codes.shape[1:])
-    baselines = {"uniform_bits": math.log2(model_cfg.num_codes),
-                 "frequency_entropy_bits": frequency_entropy_bits(train_codes, model_cfg.num_codes)}
-    say(f"codes: train {tuple(train_codes.shape)} | validate {tuple(val_codes.shape)} | "
-        f"baselines: uniform {baselines['uniform_bits']:.3f} bits, "
-        f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f} bits")
+        def save(path):
+            save_checkpoint(path, checkpoint_payload("pixelcnn", model, model_cfg, cfg, optimizer, scheduler, state,
+                                                     grid=grid, slice_counts=slice_counts, baselines=baselines))
 
-    model = build_prior(model_cfg).to(device)
-    say(f"{model_cfg.kind} PixelCNN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"conditioned on {'slice position' if model_cfg.n_conditions else 'nothing'}")
-    say(receptive_field_note(model_cfg))
-    optimizer = make_adam(model.parameters(), cfg.lr, device)
-    n_steps = steps_per_epoch(len(train_codes), cfg.batch_size, ranks)
-    scheduler = WarmupCosine(optimizer, cfg.warmup_steps, cfg.epochs * n_steps, cfg.lr_hold)
-    last_path = Path(cfg.checkpoint_dir) / "pixelcnn_last.pt"
-    best_path = Path(cfg.checkpoint_dir) / "pixelcnn_best.pt"
-    state = RunState(best=math.inf)
-    if cfg.resume:
-        state = resume_run(last_path, "pixelcnn", "python pixelcnn.py", model, model_cfg, optimizer, scheduler)
-    slice_counts = torch.bincount(train_slices.cpu(), minlength=max(model_cfg.n_conditions, 1))
-
-    def save(path):
-        save_checkpoint(path, checkpoint_payload("pixelcnn", model, model_cfg, cfg, optimizer, scheduler, state,
-                                                 grid=grid, slice_counts=slice_counts, baselines=baselines))
-
-    step = make_train_step(model, wrap_for_ranks(model, ranks, device), optimizer, scheduler,
-                           cfg.dtype, device.type)
-    budget = TimeBudget(cfg.minutes) if cfg.minutes > 0 else None
-    started = time.time()
-    with stop or StopFlag() as stop:
-        for epoch in range(state.epoch, cfg.epochs):
-            if state.finished():
-                break
-            order = epoch_order(len(train_codes), cfg.seed, epoch).to(device)
-            losses = EpochLosses(state.step, device)
-            bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, progress, say)
-            for i in bar:
+        budget = TimeBudget(cfg.minutes) if cfg.minutes > 0 else None
+        started = time.time()
+        with stop or StopFlag() as stop:
+            for epoch in range(state.epoch, cfg.epochs):
                 if state.finished():
                     break
-                batch_ids = my_batch(order, i, cfg.batch_size, ranks)
-                codes = train_codes[batch_ids]
-                if flipped_codes is not None:  # the draw comes from the saved torch RNG, so resume stays exact
-                    flip = torch.rand(len(batch_ids), device=device) < 0.5
-                    codes = torch.where(flip[:, None, None], flipped_codes[batch_ids], codes)
-                step_loss = step(codes, train_cond[batch_ids] if train_cond is not None else None)
-                state.step, state.step_in_epoch = state.step + 1, i + 1
-                if budget is not None:
-                    total = apply_time_budget(budget, state, cfg.epochs * n_steps, device, ranks, write)
-                    if total is not None:  # the learning rate reaches zero where the run now ends
-                        scheduler.total_steps = total
-                losses.add(step_loss)
-                at_log_point = state.step % cfg.log_every == 0
-                if at_log_point:
-                    losses.check_finite()
-                    write(loss_line(state.step, step_loss, ranks))
-                save_when_due_or_stopping(stop, state, losses, ranks, device, at_log_point=at_log_point,
-                                          checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
-                                          resume_command="python pixelcnn.py --resume (with the same flags)")
-            bar.close()
-            means = losses.means(ranks)
-            state.epoch, state.step_in_epoch = epoch + 1, 0
+                order = epoch_order(len(train_codes), cfg.seed, epoch).to(device)
+                losses = EpochLosses(state.step, device)
+                bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, progress, say)
+                for i in bar:
+                    if state.finished():
+                        break
+                    batch_ids = my_batch(order, i, cfg.batch_size, ranks)
+                    codes = train_codes[batch_ids]
+                    if flipped_codes is not None:  # the draw comes from the saved torch RNG, so resume stays exact
+                        flip = torch.rand(len(batch_ids), device=device) < 0.5
+                        codes = torch.where(flip[:, None, None], flipped_codes[batch_ids], codes)
+                    cond = train_cond[batch_ids] if train_cond is not None else None
+                    step_loss = train_step(model, forward, optimizer, scheduler, codes, cond, cfg.dtype)
+                    state.step, state.step_in_epoch = state.step + 1, i + 1
+                    if budget is not None:
+                        total = apply_time_budget(budget, state, cfg.epochs * n_steps, device, ranks, write)
+                        if total is not None:
+                            scheduler.end_at(total)
+                    losses.add(step_loss)
+                    at_log_point = state.step % cfg.log_every == 0
+                    if at_log_point:
+                        losses.check_finite()
+                        write(loss_line(state.step, step_loss, ranks))
+                    save_when_due_or_stopping(stop, state, losses, ranks, device, at_log_point=at_log_point,
+                                              checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
+                                              resume_command="python pixelcnn.py --resume (with the same flags)")
+                bar.close()
+                means = losses.means(ranks)
+                state.epoch, state.step_in_epoch = epoch + 1, 0
 
-            # the epoch a time budget ends is validated like a whole one
-            train_bits = means[0] / LN2 if means else float("nan")
-            val_bits = nll_bits(model, val_codes, val_cond, ranks=ranks)
-            record = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
-                      "train_nll_bits": train_bits, "val_nll_bits": val_bits, "seconds": time.time() - started}
-            state.history.append(record)
-            say(f"epoch {epoch + 1:3d} | train {train_bits:.3f} bits/code | validate {val_bits:.3f} bits/code "
-                f"| {record['seconds']:.0f}s")
-            if val_bits < state.best:
-                state.best = val_bits
+                # the epoch a time budget ends is validated like a whole one
+                train_bits = means[0] / LN2 if means else float("nan")
+                val_bits = nll_bits(model, val_codes, val_cond, ranks=ranks)
+                record = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
+                          "train_nll_bits": train_bits, "val_nll_bits": val_bits, "seconds": time.time() - started}
+                state.history.append(record)
+                say(f"epoch {epoch + 1:3d} | train {train_bits:.3f} bits/code | validate {val_bits:.3f} bits/code "
+                    f"| {record['seconds']:.0f}s")
+                if val_bits < state.best:
+                    state.best = val_bits
+                    if ranks.main:
+                        save(best_path)
                 if ranks.main:
-                    save(best_path)
-            if ranks.main:
-                save(last_path)
-    say(f"best validation NLL {state.best:.3f} bits/code (uniform {baselines['uniform_bits']:.3f}, "
-        f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f}) -> {best_path}")
-    return state.history
+                    save(last_path)
+        say(f"best validation NLL {state.best:.3f} bits/code (uniform {baselines['uniform_bits']:.3f}, "
+            f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f}) -> {best_path}")
+        return state.history
 
 
-def benchmark_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig):
-    """Time training steps and the sampling of cfg.benchmark_samples grids; writes nothing."""
-    set_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, lambda line: None))
-    use_fast_math(device, cfg.dtype)
+def benchmark_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, bench: PriorBenchmarkConfig):
+    """Time training steps and the sampling of bench.benchmark_samples grids; writes nothing."""
+    device, cfg = prepare_benchmark(cfg)
     model = build_prior(model_cfg).to(device)
     optimizer = make_adam(model.parameters(), cfg.lr, device)
     scheduler = WarmupCosine(optimizer, cfg.warmup_steps, 10 ** 6)
-    step = make_train_step(model, model, optimizer, scheduler, cfg.dtype, device.type)
     side, b = model_cfg.grid_size, cfg.batch_size
 
     def next_batch():
@@ -270,28 +256,33 @@ def benchmark_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig):
         cond = torch.randint(0, model_cfg.n_conditions, (b,), device=device) if model_cfg.n_conditions else None
         return codes, cond
 
-    result = benchmark(lambda batch: step(*batch), next_batch, batch_size=b,
-                       warmup=cfg.benchmark_warmup, steps=cfg.benchmark_steps, device=device)
-    result = {"script": "pixelcnn.py", "kind": model_cfg.kind, "dtype": cfg.dtype, "grid_size": side,
-              "num_codes": model_cfg.num_codes, "hidden": model_cfg.hidden, "n_layers": model_cfg.n_layers,
-              **result}
-    if cfg.benchmark_samples:
-        n = cfg.benchmark_samples
+    figures = time_steps(lambda batch: train_step(model, model, optimizer, scheduler, *batch, cfg.dtype),
+                         next_batch, bench, batch_size=b, device=device)
+    if bench.benchmark_samples:
+        n = bench.benchmark_samples
         cond = torch.randint(0, model_cfg.n_conditions, (n,), device=device) if model_cfg.n_conditions else None
         synchronize(device)
         started = time.perf_counter()
         sample_codes(model.eval(), n, side, side, cond, generator=torch.Generator(device).manual_seed(cfg.seed))
         synchronize(device)
-        result.update({"samples": n, "sampling_seconds": round(time.perf_counter() - started, 3)})
-    print(json.dumps(result))
-    return result
+        figures.update({"samples": n, "sampling_seconds": round(time.perf_counter() - started, 3)})
+    return report("pixelcnn.py", {"kind": model_cfg.kind, "dtype": cfg.dtype, "grid_size": side,
+                                  "num_codes": model_cfg.num_codes, "hidden": model_cfg.hidden,
+                                  "n_layers": model_cfg.n_layers}, figures)
+
+
+def parse_args(argv=None):
+    """(PriorTrainConfig, PixelCNNConfig, PriorBenchmarkConfig) from the command line."""
+    return parse_configs(__doc__, [PriorTrainConfig, PixelCNNConfig, PriorBenchmarkConfig], argv, presets=PRESETS,
+                         default_preset=default_preset)
 
 
 def main(argv=None):
-    cfg, model_cfg = parse_configs(__doc__, [PriorTrainConfig, PixelCNNConfig], argv, presets=PRESETS,
-                                   default_preset=default_preset)
-    work = benchmark_prior if cfg.benchmark else train_prior
-    run_script(lambda: work(cfg, model_cfg), batch_size=cfg.batch_size)
+    cfg, model_cfg, bench = parse_args(argv)
+    if bench.benchmark:
+        run_script(lambda: benchmark_prior(cfg, model_cfg, bench), batch_size=cfg.batch_size)
+    else:
+        run_script(lambda: train_prior(cfg, model_cfg), batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,17 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import DataError, load_split_tensor, resolve_data_root
+from checkpoint import image_size_of, load_prior, load_vqvae
+from cli import die, opt, parse_configs, run_script
+from dataset import load_split_tensor, resolve_data_root
 from demo import demo_noise_free_split
-from modules import sample_codes
+from errors import DataError
+from files import image_grid, progress_indices, save_gray_png, to_uint8
+from hardware import pick_device, set_seed
+from metrics import codebook_usage, psnr_per_image, ssim_per_image
+from prior import sample_codes
+from vqvae import decode_all, encode_all, reconstruct_all, to_unit
 from realism import print_realism, realism_report
-from training import image_size_of, load_prior, load_vqvae
-from utils import (codebook_usage, decode_all, die, encode_all, image_grid, opt, parse_configs, pick_device,
-                   progress_indices, psnr_per_image, reconstruct_all, run_script, save_gray_png, set_seed,
-                   ssim_per_image, to_uint8, to_unit)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)

@@ -18,9 +18,13 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 from tqdm import tqdm
 
-from dataset import FOREGROUND_THRESHOLD, DataError
-from demo import DARK_HOLE_LEVEL, dark_holes, outline_roughness
-from utils import ssim_matrix, to_uint8
+from brain import DARK_HOLE_LEVEL, dark_holes, outline_roughness
+from checkpoint import load_checkpoint
+from cli import HelpFormatter, OneLineErrorParser, run_script
+from errors import DataError
+from files import to_uint8
+from metrics import ssim_matrix
+from slices import FOREGROUND_THRESHOLD
 
 # ----------------------------------------------------------------------------- the two-sample test
 #
@@ -382,7 +386,6 @@ def print_realism(report):
 def realism_run(out_dir):
     """One predict.py --realism run, as a row: the data, its prior's settings and training
     time (from the prior checkpoint the run names) and its two-sample verdicts."""
-    from training import load_checkpoint  # here: realism_report itself needs no checkpoints
 
     metrics_path = Path(out_dir) / "metrics.json"
     if not metrics_path.is_file():
@@ -453,7 +456,6 @@ def realism_table(rows):
 def main(argv=None):
     """python realism.py OUT_DIR [OUT_DIR ...]: C2ST against prior training minutes over
     several predict.py --realism runs, as a table and out/realism_vs_minutes.png."""
-    from utils import HelpFormatter, OneLineErrorParser, run_script
 
     parser = OneLineErrorParser(description=main.__doc__, formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="OUT_DIR", help="--out-dir of a predict.py --realism run")

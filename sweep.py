@@ -23,8 +23,10 @@ import sys
 from pathlib import Path
 
 import train
-from training import NonFiniteLoss, load_checkpoint
-from utils import HelpFormatter, OneLineErrorParser, die, pick_device, resolve_dtype, run_script
+from checkpoint import load_checkpoint
+from cli import HelpFormatter, OneLineErrorParser, die, run_script
+from errors import NonFiniteLoss
+from hardware import pick_device, resolve_dtype
 
 OWN_FLAGS = {"--runs", "--file", "--common", "--out-dir", "--checkpoint-root", "-h", "--help"}
 # Where a run is written and how often it logs or saves do not change what it learns.
@@ -71,7 +73,7 @@ def parse_train_flags(argv, label):
 
 def parse_run(name, flags, common, out_dir, checkpoint_root):
     """The run's configs, writing under its own folders."""
-    cfg, model_cfg = parse_train_flags(shlex.split(common) + shlex.split(flags), f"run {name!r}")
+    cfg, model_cfg, _ = parse_train_flags(shlex.split(common) + shlex.split(flags), f"run {name!r}")
     defaults = train.TrainConfig()
     if (cfg.checkpoint_dir, cfg.progress_dir, cfg.resume) != (defaults.checkpoint_dir, defaults.progress_dir,
                                                               defaults.resume):

@@ -12,7 +12,6 @@ and writes a fixed grid of validation reconstructions to out/progress/ for the G
 """
 import dataclasses
 import itertools
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -22,14 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import cases_in_several_splits, load_split_tensor, resolve_data_root
-from modules import VQVAE, VQVAEConfig
-from training import (EpochLosses, RunState, StopFlag, checkpoint_payload, epoch_bar, epoch_order, loss_line,
-                      make_scheduler, my_batch, resume_run, save_checkpoint, save_when_due_or_stopping,
-                      steps_per_epoch)
-from utils import (Ranks, benchmark, codebook_usage, image_grid, make_adam, opt, parse_configs, pick_device,
-                   print_on_main, process_group, progress_indices, reconstruct_all, resolve_dtype, run_script,
-                   save_gray_png, set_seed, ssim_per_image, to_unit, unit_batches, use_fast_math, wrap_for_ranks)
+from bench import BenchmarkConfig, report, time_steps
+from bench import prepare as prepare_benchmark
+from checkpoint import RunState, checkpoint_payload, resume_run, save_checkpoint
+from cli import opt, parse_configs, run_script
+from dataset import load_split_tensor, resolve_data_root
+from files import image_grid, progress_indices, save_gray_png
+from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, use_fast_math,
+                      wrap_for_ranks)
+from metrics import codebook_usage, ssim_per_image
+from slices import cases_in_several_splits
+from training import (EpochLosses, StopFlag, epoch_bar, epoch_order, loss_line, make_adam, make_scheduler, my_batch,
+                      save_when_due_or_stopping, steps_per_epoch)
+from vqvae import VQVAE, VQVAEConfig, reconstruct_all, to_unit, unit_batches
 
 
 @dataclass
@@ -55,10 +59,10 @@ class TrainConfig:
     resume: bool = opt(False, "continue exactly from checkpoint_dir/vqvae_last.pt")
     channels_last: bool = opt(True, "keep activations channels-last (the layout fast convolution kernels want)")
     compile: bool = opt(False, "torch.compile the training step's model (compiling takes a while first)")
-    benchmark: bool = opt(False, "time training steps and print one JSON line (images/s, ms/step, memory, "
-                                 "FLOPs); trains on the real data but writes nothing")
-    benchmark_steps: int = opt(20, "timed steps of --benchmark", minimum=1)
-    benchmark_warmup: int = opt(3, "untimed steps before them", minimum=0)
+
+
+@dataclass
+class TrainBenchmarkConfig(BenchmarkConfig):
     benchmark_loader: str = opt("resident", "how --benchmark feeds batches: resident (the split sits on the device "
                                             "as uint8, batched and converted there, as training does) or "
                                             "dataloader (a DataLoader over host memory, copying every batch)",
@@ -85,7 +89,8 @@ def default_preset(args):
 
 
 def parse_args(argv=None):
-    return parse_configs(__doc__, [TrainConfig, VQVAEConfig], argv, presets=PRESETS,
+    """(TrainConfig, VQVAEConfig, TrainBenchmarkConfig) from the command line."""
+    return parse_configs(__doc__, [TrainConfig, VQVAEConfig, TrainBenchmarkConfig], argv, presets=PRESETS,
                          default_preset=default_preset)
 
 
@@ -121,52 +126,41 @@ def reconstruction_loss(logits, x, kind):
     return F.mse_loss(torch.sigmoid(logits.float()), x)
 
 
-def build_model(cfg: TrainConfig, model_cfg: VQVAEConfig, device):
+def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_train):
+    """The model, what the step calls forward (DDP- or compile-wrapped), the optimizer and the
+    schedule, the same for training and --benchmark."""
+    use_fast_math(device, cfg.dtype)
     model = VQVAE(model_cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def make_train_step(model, forward, optimizer, scheduler, cfg: TrainConfig, device, counts):
-    """One optimisation step on a float batch in [0, 1]; returns the detached losses
-    (total, reconstruction, vq) as one device tensor, so nothing waits for the device."""
-    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-    def train_step(x):
-        model.train()
-        if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
-            flip = torch.rand(len(x), device=device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(2), x)
-        x = x.contiguous(memory_format=layout)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            logits, vq_loss, _, stats = forward(x)
-        recon = reconstruction_loss(logits, x, cfg.recon_loss)
-        loss = recon + vq_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        counts.add_(stats["counts"].long())
-        return torch.stack([loss.detach(), recon.detach(), vq_loss.detach()])
-
-    return train_step
-
-
-def setup_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_train):
-    """Model, optimizer, scheduler and the step function, the same for training and --benchmark."""
-    use_fast_math(device, cfg.dtype)
-    model = build_model(cfg, model_cfg, device)
     forward = wrap_for_ranks(model, ranks, device)
     if cfg.compile:
         forward = torch.compile(forward)
     optimizer = make_adam([p for p in model.parameters() if p.requires_grad], cfg.lr, device)
     total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, ranks)
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, total_steps)
-    counts = torch.zeros(model_cfg.num_codes, dtype=torch.long, device=device)
-    step = make_train_step(model, forward, optimizer, scheduler, cfg, device, counts)
-    return model, optimizer, scheduler, step, counts
+    return model, forward, optimizer, scheduler
+
+
+def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig):
+    """One optimisation step on a float batch in [0, 1]. Returns the detached losses (total,
+    reconstruction, vq) as one device tensor, so nothing waits for the device, and the batch's
+    per-code counts."""
+    model.train()
+    if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
+        flip = torch.rand(len(x), device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(2), x)
+    x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+        logits, vq_loss, _, stats = forward(x)
+    recon = reconstruction_loss(logits, x, cfg.recon_loss)
+    loss = recon + vq_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return torch.stack([loss.detach(), recon.detach(), vq_loss.detach()]), stats["counts"].long()
 
 
 def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
@@ -177,103 +171,99 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     Started by torchrun, every process trains on its share of each batch.
     """
     with process_group(cfg.device) as (ranks, device):
-        return train_on(cfg, model_cfg, ranks, device, progress and ranks.main, stop)
+        progress = progress and ranks.main
+        set_seed(cfg.seed)
+        say = print_on_main(ranks)
+        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
+        root = resolve_data_root(cfg.data)
+        train_u8, _ = load_split_tensor(root, "train", cfg.image_size, device, progress=progress)
+        val_u8, _ = load_split_tensor(root, "validate", cfg.image_size, device, progress=progress)
+        say(f"data: {root} | train {len(train_u8)} | validate {len(val_u8)} | "
+            f"{cfg.image_size}x{cfg.image_size} | device {device}"
+            + (f" | {ranks.world} processes" if ranks.world > 1 else ""))
+        if ranks.main:
+            warn_about_leaking_cases(root)
 
+        model, forward, optimizer, scheduler = build_training(cfg, model_cfg, device, ranks, len(train_u8))
+        last_path = Path(cfg.checkpoint_dir) / "vqvae_last.pt"
+        best_path = Path(cfg.checkpoint_dir) / "vqvae_best.pt"
+        state = RunState(best=-1.0)
+        if cfg.resume:
+            state = resume_run(last_path, "vqvae", "python train.py", model, model_cfg, optimizer, scheduler)
+        elif ranks.main:  # a new run's GIF must not pick up an older run's frames
+            for old_frame in Path(cfg.progress_dir).glob("epoch_*.png"):
+                old_frame.unlink()
 
-def train_on(cfg, model_cfg, ranks, device, progress, stop):
-    set_seed(cfg.seed)
-    say = print_on_main(ranks)
-    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
-    root = resolve_data_root(cfg.data)
-    train_u8, _ = load_split_tensor(root, "train", cfg.image_size, device, progress=progress)
-    val_u8, _ = load_split_tensor(root, "validate", cfg.image_size, device, progress=progress)
-    say(f"data: {root} | train {len(train_u8)} | validate {len(val_u8)} | "
-        f"{cfg.image_size}x{cfg.image_size} | device {device}"
-        + (f" | {ranks.world} processes" if ranks.world > 1 else ""))
-    if ranks.main:
-        warn_about_leaking_cases(root)
+        def save(path):
+            save_checkpoint(path, checkpoint_payload("vqvae", model, model_cfg, cfg, optimizer, scheduler, state))
 
-    model, optimizer, scheduler, step, counts = setup_training(cfg, model_cfg, device, ranks, len(train_u8))
-    last_path = Path(cfg.checkpoint_dir) / "vqvae_last.pt"
-    best_path = Path(cfg.checkpoint_dir) / "vqvae_best.pt"
-    state = RunState(best=-1.0)
-    if cfg.resume:
-        state = resume_run(last_path, "vqvae", "python train.py", model, model_cfg, optimizer, scheduler)
-    elif ranks.main:  # a new run's GIF must not pick up an older run's frames
-        for old_frame in Path(cfg.progress_dir).glob("epoch_*.png"):
-            old_frame.unlink()
+        grid_ids = progress_indices(len(val_u8))
+        n_steps = steps_per_epoch(len(train_u8), cfg.batch_size, ranks)
+        counts = torch.zeros(model_cfg.num_codes, dtype=torch.long, device=device)  # codes used since the last log
+        started = time.time()
+        with stop or StopFlag() as stop:
+            for epoch in range(state.epoch, cfg.epochs):
+                order = epoch_order(len(train_u8), cfg.seed, epoch).to(device)
+                losses = EpochLosses(state.step, device)
+                bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, progress, say)
+                for i in bar:
+                    x = to_unit(train_u8[my_batch(order, i, cfg.batch_size, ranks)])
+                    step_losses, step_counts = train_step(model, forward, optimizer, scheduler, x, cfg)
+                    counts += step_counts
+                    state.step, state.step_in_epoch = state.step + 1, i + 1
+                    losses.add(step_losses)
+                    at_log_point = state.step % cfg.log_every == 0
+                    if at_log_point:
+                        losses.check_finite()
+                        write(loss_line(state.step, step_losses, ranks) + " | " + codebook_line(counts, ranks))
+                        counts.zero_()
+                    save_when_due_or_stopping(stop, state, losses, ranks, device, at_log_point=at_log_point,
+                                              checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
+                                              resume_command="python train.py --resume (with the same flags)")
+                bar.close()
+                train_loss, train_recon, train_vq = losses.means(ranks) or [float("nan")] * 3
+                state.epoch, state.step_in_epoch = epoch + 1, 0
 
-    def save(path):
-        save_checkpoint(path, checkpoint_payload("vqvae", model, model_cfg, cfg, optimizer, scheduler, state))
-
-    grid_ids = progress_indices(len(val_u8))
-    n_steps = steps_per_epoch(len(train_u8), cfg.batch_size, ranks)
-    started = time.time()
-    with stop or StopFlag() as stop:
-        for epoch in range(state.epoch, cfg.epochs):
-            order = epoch_order(len(train_u8), cfg.seed, epoch).to(device)
-            losses = EpochLosses(state.step, device)
-            bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, progress, say)
-            for i in bar:
-                step_losses = step(to_unit(train_u8[my_batch(order, i, cfg.batch_size, ranks)]))
-                state.step, state.step_in_epoch = state.step + 1, i + 1
-                losses.add(step_losses)
-                at_log_point = state.step % cfg.log_every == 0
-                if at_log_point:
-                    losses.check_finite()
-                    write(loss_line(state.step, step_losses, ranks) + " | " + codebook_since_last_log(counts, ranks))
-                save_when_due_or_stopping(stop, state, losses, ranks, device, at_log_point=at_log_point,
-                                          checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
-                                          resume_command="python train.py --resume (with the same flags)")
-            bar.close()
-            train_loss, train_recon, train_vq = losses.means(ranks) or [float("nan")] * 3
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-
-            val_ssim, val_counts = evaluate(model, val_u8, ranks=ranks)
-            perplexity, used = codebook_usage(val_counts)
-            record = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
-                      "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
-                      "val_ssim": val_ssim, "val_perplexity": perplexity, "val_codes_used": used,
-                      "seconds": time.time() - started}
-            state.history.append(record)
-            say(f"epoch {epoch + 1:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
-                f"| val SSIM {val_ssim:.4f} | perplexity {perplexity:.1f} | codes {used}/{model_cfg.num_codes} "
-                f"| {record['seconds']:.0f}s")
-            if ranks.main:
-                save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch + 1:03d}.png")
-            if val_ssim > state.best:  # every process holds the same all-reduced figure
-                state.best = val_ssim
+                val_ssim, val_counts = evaluate(model, val_u8, ranks=ranks)
+                perplexity, used = codebook_usage(val_counts)
+                record = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
+                          "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
+                          "val_ssim": val_ssim, "val_perplexity": perplexity, "val_codes_used": used,
+                          "seconds": time.time() - started}
+                state.history.append(record)
+                say(f"epoch {epoch + 1:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
+                    f"| val SSIM {val_ssim:.4f} | perplexity {perplexity:.1f} | codes {used}/{model_cfg.num_codes} "
+                    f"| {record['seconds']:.0f}s")
                 if ranks.main:
-                    save(best_path)
-            if ranks.main:
-                save(last_path)
-    say(f"best validation SSIM {state.best:.4f} -> {best_path}")
-    return state.history
+                    save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch + 1:03d}.png")
+                if val_ssim > state.best:  # every process holds the same all-reduced figure
+                    state.best = val_ssim
+                    if ranks.main:
+                        save(best_path)
+                if ranks.main:
+                    save(last_path)
+        say(f"best validation SSIM {state.best:.4f} -> {best_path}")
+        return state.history
 
 
-def codebook_since_last_log(counts, ranks):
-    """Perplexity and codes used over the training steps since the last log line."""
+def codebook_line(counts, ranks):
+    """Perplexity and codes used of per-code counts summed over processes."""
     perplexity, used = codebook_usage(ranks.sum(counts.clone()).cpu())
-    counts.zero_()
     return f"perplexity {perplexity:.1f} | codes used {used}/{len(counts)}"
 
 
-def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig):
+def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig, bench: TrainBenchmarkConfig):
     """Time training steps on the real training split; writes no checkpoint or image."""
-    set_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, lambda line: None))
+    device, cfg = prepare_benchmark(cfg)
     train_u8, _ = load_split_tensor(resolve_data_root(cfg.data), "train", cfg.image_size, device)
-    _, _, _, step, _ = setup_training(cfg, model_cfg, device, Ranks(), len(train_u8))
-    next_batch = (resident_batches if cfg.benchmark_loader == "resident" else loader_batches)(
+    model, forward, optimizer, scheduler = build_training(cfg, model_cfg, device, Ranks(), len(train_u8))
+    next_batch = (resident_batches if bench.benchmark_loader == "resident" else loader_batches)(
         train_u8, cfg.batch_size, cfg.seed, device)
-    result = benchmark(step, next_batch, batch_size=cfg.batch_size, warmup=cfg.benchmark_warmup,
-                       steps=cfg.benchmark_steps, device=device)
-    result = {"script": "train.py", "loader": cfg.benchmark_loader, "image_size": cfg.image_size,
-              "dtype": cfg.dtype, "channels_last": cfg.channels_last, "compile": cfg.compile,
-              "hidden": model_cfg.hidden, "num_codes": model_cfg.num_codes, **result}
-    print(json.dumps(result))
-    return result
+    figures = time_steps(lambda x: train_step(model, forward, optimizer, scheduler, x, cfg), next_batch, bench,
+                         batch_size=cfg.batch_size, device=device)
+    return report("train.py", {"loader": bench.benchmark_loader, "image_size": cfg.image_size, "dtype": cfg.dtype,
+                               "channels_last": cfg.channels_last, "compile": cfg.compile,
+                               "hidden": model_cfg.hidden, "num_codes": model_cfg.num_codes}, figures)
 
 
 def resident_batches(images_u8, batch_size, seed, device):
@@ -325,9 +315,11 @@ def save_progress_grid(model, images_u8, path):
 
 
 def main(argv=None):
-    cfg, model_cfg = parse_args(argv)
-    work = benchmark_training if cfg.benchmark else train
-    run_script(lambda: work(cfg, model_cfg), batch_size=cfg.batch_size)
+    cfg, model_cfg, bench = parse_args(argv)
+    if bench.benchmark:
+        run_script(lambda: benchmark_training(cfg, model_cfg, bench), batch_size=cfg.batch_size)
+    else:
+        run_script(lambda: train(cfg, model_cfg), batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":

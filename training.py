@@ -1,187 +1,25 @@
-"""What both trainers share: where a run stands, the hard parts of a training loop, and the
-checkpoint.
+"""What both trainers share: the hard parts of a training loop.
 
 The loops themselves live in train.py and pixelcnn.py, where they read top to bottom; they
 call the parts that are easy to get wrong by name: `EpochLosses` (losses summed on the
 device, checked for NaN without a host sync per step), `apply_time_budget` (a --minutes
 budget turned into a step count), `save_when_due_or_stopping` (the resumable checkpoint, and a
-stop that processes agree on), `save_checkpoint`, and `StopFlag` (SIGINT/SIGTERM as a request
-to stop).
-
-The checkpoint is one dict, built by `checkpoint_payload` and read back by
-`load_checkpoint`:
-
-    kind          "vqvae" or "pixelcnn": which model; a loader refuses the other kind
-    model         the model's state_dict
-    model_config  dataclasses.asdict of its config: enough to rebuild the model alone
-    train_config  dataclasses.asdict of the trainer's config (dtype as --dtype auto resolved
-                  it); a VQ-VAE's train_config["image_size"] is the size its codes are for,
-                  read with `image_size_of`
-    ...           extras of the kind: a prior keeps grid (h, w), slice_counts (training
-                  slices per conditioned position) and baselines (uniform_bits,
-                  frequency_entropy_bits)
-    optimizer     the optimizer's state_dict
-    scheduler     the learning-rate scheduler's state_dict
-    run           dataclasses.asdict(RunState): epoch, step, best, history, total_steps
-    rng           rng_state(): the Python, NumPy, torch (and CUDA) generators
-
-Everything in it is a tensor or a plain value, so it loads with torch.load(weights_only=True).
+stop that processes agree on), and `StopFlag` (SIGINT/SIGTERM as a request to stop).
 """
-import dataclasses
 import math
-import random
 import signal
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from modules import VQVAE, PixelCNNConfig, VQVAEConfig, build_prior
-from utils import synchronize
+from errors import NonFiniteLoss
+from hardware import synchronize
 
 
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or of the wrong kind; one-line message."""
-
-
-class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite; nothing was saved from that point on."""
-
-
-# ----------------------------------------------------------------------------- the checkpoint
-
-def checkpoint_payload(kind, model, model_cfg, train_cfg, optimizer, scheduler, state, **extras):
-    """The checkpoint of a run as it stands (the layout in this module's docstring)."""
-    return {"kind": kind, "model": model.state_dict(),
-            "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(train_cfg),
-            **extras, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "run": dataclasses.asdict(state), "rng": rng_state()}
-
-
-def save_checkpoint(path, payload):
-    """Write atomically: a kill mid-write leaves the previous file intact."""
-    from dataset import write_atomically  # the one atomic writer; dataset.py needs nothing from us
-    write_atomically(path, lambda f: torch.save(payload, f))
-
-
-def load_checkpoint(path, kind, made_by=None):
-    """Load one of our checkpoints (weights only, never pickled code) and check its kind."""
-    path = Path(path)
-    if not path.is_file():
-        hint = f"; run `{made_by}` first" if made_by else ""
-        raise CheckpointError(f"checkpoint {path} not found{hint}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != kind:
-        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{path} is not a {kind} checkpoint of this project (found {found!r})")
-    return payload
-
-
-def image_size_of(vqvae_ckpt):
-    """The image size a VQ-VAE checkpoint was trained at, which its codes belong to."""
-    return vqvae_ckpt["train_config"]["image_size"]
-
-
-def load_weights(model, ckpt, path):
-    """Weights into a model built from the checkpoint's config; a checkpoint whose tensors do
-    not fit (written by an older version of a model) gets a one-line error."""
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        detail = str(err).strip().splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise CheckpointError(f"{path} does not fit this version's {ckpt['kind']} model ({detail}); "
-                              f"train it again") from None
-
-
-def check_same_config(path, saved, config):
-    """Refuse to resume into a model built differently, naming what differs."""
-    wanted = dataclasses.asdict(config)
-    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in changed)
-        raise CheckpointError(f"{path} was built with other settings ({details})")
-
-
-def load_model(path, kind, build, made_by, device):
-    """A model rebuilt from its checkpoint alone, in eval mode, and the whole checkpoint."""
-    ckpt = load_checkpoint(path, kind, made_by=made_by)
-    model = build(ckpt["model_config"]).to(device)
-    load_weights(model, ckpt, path)
-    model.eval()
-    return model, ckpt
-
-
-def load_vqvae(path, device):
-    return load_model(path, "vqvae", lambda c: VQVAE(VQVAEConfig(**c)), "python train.py", device)
-
-
-def load_prior(path, device):
-    return load_model(path, "pixelcnn", lambda c: build_prior(PixelCNNConfig(**c)),
-                      "python pixelcnn.py", device)
-
-
-def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
-    """Restore everything a run needs to continue exactly; returns its RunState."""
-    ckpt = load_checkpoint(path, kind, made_by=made_by)
-    check_same_config(path, ckpt["model_config"], model_cfg)
-    load_weights(model, ckpt, path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    restore_rng_state(ckpt["rng"])
-    state = RunState(**ckpt["run"])
-    print(f"resumed from {path} at step {state.step} (epoch {state.epoch + 1})")
-    return state
-
-
-# ----------------------------------------------------------------------------- run state
-
-@dataclasses.dataclass
-class RunState:
-    """Where a training run stands; saved in every checkpoint, so resuming is exact."""
-    epoch: int = 0           # epochs completed
-    step_in_epoch: int = 0   # steps done in the epoch under way
-    step: int = 0            # steps done in all
-    best: float = float("nan")
-    history: list = dataclasses.field(default_factory=list)
-    total_steps: int = 0     # where a time budget ends the run; 0 = after the last epoch
-
-    def finished(self):
-        """Past the step a time budget ends the run at (never, without a budget)."""
-        return bool(self.total_steps) and self.step >= self.total_steps
-
-
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": numpy_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def numpy_rng_state():
-    # As tensors and plain values, so that weights_only loading accepts them.
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def restore_rng_state(state):
-    random.setstate(_as_tuples(state["python"]))
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(value):
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+def make_adam(parameters, lr, device):
+    # The fused kernel exists on CUDA; elsewhere Adam's default (foreach) implementation is used.
+    return torch.optim.Adam(parameters, lr=lr, fused=device.type == "cuda" or None)
 
 
 def epoch_order(n, seed, epoch):
@@ -214,8 +52,8 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     cosine decay to zero at total_steps. The warm-up lasts warmup_steps, or a fifth of the run if
     that is shorter.
 
-    total_steps may be lowered while the run is under way (a time budget fixes it once the
-    speed is known); it is part of the state_dict, so a resumed run decays the same way."""
+    A time budget moves the end while the run is under way (`end_at`, once the speed is known);
+    total_steps is part of the state_dict, so a resumed run decays the same way."""
 
     def __init__(self, optimizer, warmup_steps, total_steps, hold=0.0):
         self.warmup_steps, self.total_steps, self.hold = warmup_steps, total_steps, hold
@@ -229,6 +67,10 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         if progress <= self.hold:
             return 1.0
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - self.hold) / max(1e-9, 1 - self.hold))))
+
+    def end_at(self, total_steps):
+        """The run now ends at total_steps: the decay reaches zero there."""
+        self.total_steps = total_steps
 
     def get_lr(self):
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]

@@ -46,7 +46,8 @@ def checkpoint_fingerprint(path):
     import torch
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     history = [{k: v for k, v in record.items() if k != "seconds"} for record in ckpt["run"]["history"]]
-    train_config = {k: v for k, v in ckpt["train_config"].items() if k not in ("data",)}
+    # the --benchmark flags are no setting of a run; checkpoints stopped recording them
+    train_config = {k: v for k, v in ckpt["train_config"].items() if k != "data" and not k.startswith("benchmark")}
     return {"keys": sorted(ckpt), "kind": ckpt["kind"],
             "model": {name: tensor_digest(t) for name, t in ckpt["model"].items()},
             "model_config": ckpt["model_config"], "train_config": train_config,
@@ -120,15 +121,22 @@ def cli_flags():
     import predict
     import sweep
     import train
-    from modules import PixelCNNConfig
-    from utils import parse_configs
+    try:
+        from cli import parse_configs
+    except ImportError:  # before the split of utils.py
+        from utils import parse_configs
 
     scripts = {}
     with parsers_built() as built:
         train.parse_args([])
     scripts["train.py"] = describe_parser(built[-1])
     with parsers_built() as built:
-        parse_configs("", [pixelcnn.PriorTrainConfig, PixelCNNConfig], [], pixelcnn.PRESETS, pixelcnn.default_preset)
+        if hasattr(pixelcnn, "parse_args"):
+            pixelcnn.parse_args([])
+        else:  # before pixelcnn.parse_args
+            from modules import PixelCNNConfig
+            parse_configs("", [pixelcnn.PriorTrainConfig, PixelCNNConfig], [], pixelcnn.PRESETS,
+                          pixelcnn.default_preset)
     scripts["pixelcnn.py"] = describe_parser(built[-1])
     with parsers_built() as built:
         parse_configs("", [predict.PredictConfig], [])

@@ -10,10 +10,11 @@ import torch
 import anomaly
 import pixelcnn
 import train
+from brain import brain_region
 from dataset import load_split
-from lesions import (LesionSet, auroc, average_precision, best_dice, brain_region, detection_figures, dice_at,
-                     make_lesion_set)
-from modules import PixelCNNConfig, VerticalStacks, build_prior, heal_codes, sample_codes
+from lesions import LesionSet, detection_figures, make_lesion_set
+from metrics import auroc, average_precision, best_dice, dice_at
+from prior import PixelCNNConfig, VerticalStacks, build_prior, heal_codes, sample_codes
 
 from conftest import TINY_PRIOR_BATCH_2, TINY_VQVAE_BATCH_2
 

@@ -11,18 +11,9 @@ import pytest
 from PIL import Image
 
 import dataset
-from dataset import (
-    SPLITS,
-    DataError,
-    SliceSet,
-    list_split_files,
-    load_split,
-    load_split_tensor,
-    parse_slice_name,
-    read_slice,
-    resolve_data_root,
-    split_dir,
-)
+from dataset import load_split, load_split_tensor, resolve_data_root
+from errors import DataError
+from slices import SPLITS, SliceSet, list_split_files, parse_slice_name, read_slice, split_dir
 
 SIDE = 256
 

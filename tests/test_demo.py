@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 
 import demo
-from dataset import SPLITS, DataError, load_split, resolve_data_root
-from test_dataset import assert_one_line_naming, write_png
+from dataset import load_split, resolve_data_root
 from demo import make_demo
+from errors import DataError
+from slices import SPLITS
+from test_dataset import assert_one_line_naming, write_png
 
 SIDE = 256
 

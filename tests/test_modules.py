@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 
 import pixelcnn
-from modules import (VQVAE, GatedPixelCNN, MaskedConv2d, PixelCNNConfig, VectorQuantizer,
-                     VQVAEConfig, build_prior, rows_seen_above, sample_codes)
+from metrics import ssim_per_image
+from prior import GatedPixelCNN, MaskedConv2d, PixelCNNConfig, build_prior, rows_seen_above, sample_codes
+from vqvae import VQVAE, VQVAEConfig, VectorQuantizer
 from train import PRESETS
-from utils import ssim_per_image
 
 TINY_VQ = dict(hidden=16, res_hidden=8, num_codes=32, code_dim=8)
 

@@ -9,7 +9,7 @@ from PIL import Image
 import pixelcnn
 import predict
 import train
-from utils import parse_configs
+from cli import parse_configs
 
 from conftest import TINY_PRIOR, TINY_VQVAE
 N_SAMPLES = 3

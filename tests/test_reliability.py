@@ -12,11 +12,13 @@ import torch
 import pixelcnn
 import predict
 import train
+from checkpoint import load_checkpoint, load_vqvae
+from cli import parse_configs
 from dataset import load_split_tensor
+from errors import CheckpointError, NonFiniteLoss
+from prior import PixelCNNConfig
+from vqvae import VQVAEConfig, encode_all
 from conftest import TINY_PRIOR_BATCH_2, TINY_VQVAE_BATCH_2
-from modules import PixelCNNConfig, VQVAEConfig
-from training import CheckpointError, NonFiniteLoss, load_checkpoint, load_vqvae
-from utils import encode_all, parse_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ import torch
 import dataset
 import sweep
 import train
-from training import NonFiniteLoss
+from errors import NonFiniteLoss
 
 TINY_COMMON = ("--image-size 32 --hidden 16 --res-hidden 8 --num-codes 16 --code-dim 8 "
                "--batch-size 8 --epochs 1 --log-every 2")

@@ -8,9 +8,11 @@ import torch
 
 import pixelcnn
 import training
-from modules import PixelCNNConfig, build_prior
+from checkpoint import load_checkpoint, load_prior, save_checkpoint
+from errors import CheckpointError
+from prior import PixelCNNConfig, build_prior
+from training import WarmupCosine
 from test_reliability import prior_configs, train_tiny_vqvae
-from training import CheckpointError, WarmupCosine, load_checkpoint, load_prior, save_checkpoint
 
 
 def test_a_file_that_is_not_our_checkpoint_is_refused_with_a_message(tmp_path):

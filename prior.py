@@ -1,251 +1,13 @@
-"""Models: the VQ-VAE (van den Oord et al. 2017, arXiv 1711.00937) and PixelCNN priors
-over its code indices (plain masked, and gated as in arXiv 1606.05328).
-
-This file holds only models: no I/O. (The two-sample test's classifier lives in realism.py.)
-"""
-import math
+"""PixelCNN priors over the VQ-VAE's code indices (plain masked, and gated as in arXiv
+1606.05328), conditioned on slice position; sampling, per-code NLL and healing. No I/O."""
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import opt, perplexity
-
-
-# ----------------------------------------------------------------------------- VQ-VAE
-
-@dataclass
-class VQVAEConfig:
-    in_channels: int = opt(1, "image channels", minimum=1)
-    hidden: int = opt(64, "channels after the strided convolutions (paper: 256)", minimum=1)
-    res_hidden: int = opt(32, "bottleneck channels inside a residual block", minimum=1)
-    n_res_blocks: int = opt(2, "residual blocks in encoder and decoder")
-    n_downsample: int = opt(2, "strided 4x4 convolutions; codes form an (image_size / 2**n) grid", minimum=1)
-    num_codes: int = opt(256, "codebook size (paper: 512)", minimum=1)
-    code_dim: int = opt(64, "dimension of each codebook vector", minimum=1)
-    beta: float = opt(0.25, "commitment cost (paper: 0.25)")
-    ema: bool = opt(True, "learn the codebook by exponential moving averages instead of by gradient")
-    ema_decay: float = opt(0.99, "decay of the codebook's moving averages")
-    dead_code_steps: int = opt(20, "re-seed codes unused for this many steps from encoder outputs; 0 = never")
-
-
-class ResidualStack(nn.Module):
-    """Residual blocks of ReLU, 3x3 conv, ReLU, 1x1 conv, as in the paper."""
-
-    def __init__(self, channels, res_hidden, n_blocks):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.ReLU(),
-                nn.Conv2d(channels, res_hidden, 3, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(res_hidden, channels, 1),
-            )
-            for _ in range(n_blocks)
-        )
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return F.relu(x)
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: VQVAEConfig):
-        super().__init__()
-        layers, channels = [], cfg.in_channels
-        for i in range(cfg.n_downsample):
-            out = cfg.hidden if i == cfg.n_downsample - 1 else cfg.hidden // 2
-            layers += [nn.Conv2d(channels, out, 4, stride=2, padding=1), nn.ReLU()]
-            channels = out
-        layers.append(nn.Conv2d(channels, cfg.hidden, 3, padding=1))
-        self.net = nn.Sequential(*layers)
-        self.res = ResidualStack(cfg.hidden, cfg.res_hidden, cfg.n_res_blocks)
-        self.to_code = nn.Conv2d(cfg.hidden, cfg.code_dim, 1)
-
-    def forward(self, x):
-        return self.to_code(self.res(self.net(x)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: VQVAEConfig):
-        super().__init__()
-        self.from_code = nn.Conv2d(cfg.code_dim, cfg.hidden, 3, padding=1)
-        self.res = ResidualStack(cfg.hidden, cfg.res_hidden, cfg.n_res_blocks)
-        layers, channels = [], cfg.hidden
-        for i in range(cfg.n_downsample):
-            last = i == cfg.n_downsample - 1
-            out = cfg.in_channels if last else cfg.hidden // 2
-            layers.append(nn.ConvTranspose2d(channels, out, 4, stride=2, padding=1))
-            if not last:
-                layers.append(nn.ReLU())
-            channels = out
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z):
-        return self.net(self.res(self.from_code(z)))  # logits; sigmoid gives [0, 1] intensities
-
-
-class VectorQuantizer(nn.Module):
-    """Nearest-neighbour codebook lookup with a straight-through gradient.
-
-    Codebook learning is either by gradient (codebook loss ||sg[z] - e||^2) or by
-    exponential moving averages of the assigned encoder outputs (paper, appendix A.1).
-    The codebook is seeded from the first batch of encoder outputs, and codes unused
-    for `dead_code_steps` training steps are re-seeded from the current batch: a
-    codebook that starts far from the encoder's outputs collapses to a few codes here.
-    Distances, lookup and updates always run in float32, also under autocast.
-    """
-
-    def __init__(self, num_codes, code_dim, beta=0.25, ema=True, ema_decay=0.99,
-                 dead_code_steps=20, eps=1e-5):
-        super().__init__()
-        self.num_codes, self.code_dim = num_codes, code_dim
-        self.beta, self.ema, self.decay, self.eps = beta, ema, ema_decay, eps
-        self.dead_code_steps = dead_code_steps
-        self.codebook = nn.Parameter(torch.randn(num_codes, code_dim) / math.sqrt(code_dim),
-                                     requires_grad=not ema)
-        self.register_buffer("initialized", torch.tensor(False))
-        self._seeded = False  # host-side copy of `initialized`, so a step needs no device sync
-        self.register_buffer("steps_unused", torch.zeros(num_codes, dtype=torch.long))
-        self.register_buffer("ema_count", torch.ones(num_codes))
-        self.register_buffer("ema_sum", self.codebook.detach().clone())
-
-    def nearest_codes(self, flat):
-        # ||z||^2 - 2 z.e + ||e||^2; the ||z||^2 term does not change the argmin.
-        distances = (self.codebook.pow(2).sum(1)[None, :] - 2 * flat @ self.codebook.t())
-        return distances.argmin(1)
-
-    def forward(self, z):
-        """z: (B, D, H, W) -> (quantized z, vq loss, indices (B, H, W), stats dict)."""
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            z = z.float()
-            b, d, h, w = z.shape
-            flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-            if self.training and not self._is_seeded():
-                self._seed_codebook(flat)
-            indices = self.nearest_codes(flat.detach())
-            one_hot = F.one_hot(indices, self.num_codes).type_as(flat)
-            if self.training:
-                self._update_codebook(flat.detach(), indices, one_hot)
-            quantized = self.codebook[indices]
-
-            commitment = F.mse_loss(flat, quantized.detach())
-            loss = self.beta * commitment
-            if not self.ema:
-                loss = loss + F.mse_loss(quantized, flat.detach())
-            quantized = flat + (quantized - flat).detach()  # straight-through estimator
-
-            counts = one_hot.sum(0)
-            probs = counts / counts.sum()
-            stats = {
-                "perplexity": perplexity(probs).detach(),
-                "codes_used": (counts > 0).sum().detach(),
-                "counts": counts.detach(),
-            }
-            # Hand the decoder the memory layout the encoder produced (channels_last or not).
-            layout = (torch.channels_last if z.is_contiguous(memory_format=torch.channels_last)
-                      and not z.is_contiguous() else torch.contiguous_format)
-            quantized = quantized.view(b, h, w, d).permute(0, 3, 1, 2).contiguous(memory_format=layout)
-            return quantized, loss, indices.view(b, h, w), stats
-
-    def _is_seeded(self):
-        if not self._seeded:  # reads the device once per process, not once per step
-            self._seeded = bool(self.initialized)
-        return self._seeded
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._seeded = False  # the loaded state decides
-
-    @torch.no_grad()
-    def _seed_codebook(self, flat):
-        self.codebook.data.copy_(same_on_every_rank(self._random_rows(flat, self.num_codes)))
-        self.ema_sum.copy_(self.codebook.data)
-        self.ema_count.fill_(1.0)
-        self.initialized.fill_(True)
-        self._seeded = True
-
-    @torch.no_grad()
-    def _update_codebook(self, flat, indices, one_hot):
-        counts, sums = one_hot.sum(0), one_hot.t() @ flat
-        if distributed():  # every rank applies the update of the whole global batch
-            both = torch.cat([counts[:, None], sums], dim=1)
-            torch.distributed.all_reduce(both)
-            counts, sums = both[:, 0], both[:, 1:]
-        if self.ema:
-            self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-            self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-            # Laplace smoothing keeps codes with a tiny count from dividing by ~0.
-            n = self.ema_count.sum()
-            smoothed = (self.ema_count + self.eps) / (n + self.num_codes * self.eps) * n
-            self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
-        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
-        if self.dead_code_steps > 0:
-            self.restart_codes(self.steps_unused >= self.dead_code_steps, flat)
-
-    @torch.no_grad()
-    def restart_codes(self, dead, flat):
-        """Move the codes marked in `dead` onto randomly chosen encoder outputs.
-
-        Candidates are drawn for every code and kept only where `dead` says so: asking
-        the device whether any code is dead would stall every training step."""
-        fresh = same_on_every_rank(self._random_rows(flat, self.num_codes))
-        self.codebook.data.copy_(torch.where(dead[:, None], fresh, self.codebook.data))
-        self.ema_sum.copy_(torch.where(dead[:, None], fresh, self.ema_sum))
-        self.ema_count.masked_fill_(dead, 1.0)
-        self.steps_unused.masked_fill_(dead, 0)
-
-    @staticmethod
-    def _random_rows(flat, n):
-        pick = torch.randint(0, flat.shape[0], (n,), device=flat.device)
-        return flat[pick]
-
-
-def distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def same_on_every_rank(tensor):
-    """Rank 0's copy everywhere (a no-op in a single process)."""
-    if distributed():
-        torch.distributed.broadcast(tensor, src=0)
-    return tensor
-
-
-class VQVAE(nn.Module):
-    def __init__(self, cfg: VQVAEConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta, cfg.ema,
-                                         cfg.ema_decay, cfg.dead_code_steps)
-        self.decoder = Decoder(cfg)
-
-    def forward(self, x):
-        """x in [0, 1], (B, C, H, W) -> (reconstruction logits, vq loss, indices, stats)."""
-        z_q, vq_loss, indices, stats = self.quantizer(self.encoder(x))
-        return self.decoder(z_q), vq_loss, indices, stats
-
-    # The hand-off to the prior: images to code indices, and code indices back to images.
-    # (utils.encode_all and utils.decode_all run them over a whole split in batches.)
-
-    @torch.no_grad()
-    def reconstruct(self, x):
-        return torch.sigmoid(self.forward(x)[0]).float()
-
-    @torch.no_grad()
-    def encode_to_indices(self, x):
-        return self.quantizer(self.encoder(x))[2]
-
-    @torch.no_grad()
-    def decode_indices(self, indices):
-        z_q = self.quantizer.codebook[indices].permute(0, 3, 1, 2)
-        return torch.sigmoid(self.decoder(z_q)).float()
-
-
-# ----------------------------------------------------------------------------- PixelCNN
+from cli import opt
+from errors import DataError
 
 class MaskedConv2d(nn.Conv2d):
     """Convolution that sees only positions before the centre in raster order.
@@ -465,6 +227,17 @@ def build_prior(cfg: PixelCNNConfig):
     if cfg.kind == "plain":
         return PlainPixelCNN(cfg)
     raise ValueError(f"unknown PixelCNN kind {cfg.kind!r}; expected 'gated' or 'plain'")
+
+
+def slice_conditions(slice_idx, n_conditions, device=None):
+    """What a prior of n_conditions slice positions is conditioned on: the slices' positions
+    as a long tensor, or None for a prior conditioned on nothing."""
+    if not n_conditions:
+        return None
+    if int(slice_idx.max()) >= n_conditions:
+        raise DataError(f"slice index {int(slice_idx.max())} is beyond the prior's {n_conditions} positions "
+                        f"(--n-conditions)")
+    return torch.as_tensor(slice_idx, device=device)
 
 
 def nucleus(probs, top_p):

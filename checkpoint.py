@@ -1,0 +1,164 @@
+"""The checkpoint: its layout, saving and loading it, rebuilding a trained model from it alone,
+and the run state it carries so that a resumed run continues exactly.
+
+The checkpoint is one dict, built by `checkpoint_payload` and read back by
+`load_checkpoint`:
+
+    kind          "vqvae" or "pixelcnn": which model; a loader refuses the other kind
+    model         the model's state_dict
+    model_config  dataclasses.asdict of its config: enough to rebuild the model alone
+    train_config  dataclasses.asdict of the trainer's config (dtype as --dtype auto resolved
+                  it); a VQ-VAE's train_config["image_size"] is the size its codes are for,
+                  read with `image_size_of`
+    ...           extras of the kind: a prior keeps grid (h, w), slice_counts (training
+                  slices per conditioned position) and baselines (uniform_bits,
+                  frequency_entropy_bits)
+    optimizer     the optimizer's state_dict
+    scheduler     the learning-rate scheduler's state_dict
+    run           dataclasses.asdict(RunState): epoch, step, best, history, total_steps
+    rng           rng_state(): the Python, NumPy, torch (and CUDA) generators
+
+Everything in it is a tensor or a plain value, so it loads with torch.load(weights_only=True).
+"""
+import dataclasses
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import CheckpointError
+from files import write_atomically
+from prior import PixelCNNConfig, build_prior
+from vqvae import VQVAE, VQVAEConfig
+
+
+def checkpoint_payload(kind, model, model_cfg, train_cfg, optimizer, scheduler, state, **extras):
+    """The checkpoint of a run as it stands (the layout in this module's docstring)."""
+    return {"kind": kind, "model": model.state_dict(),
+            "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(train_cfg),
+            **extras, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "run": dataclasses.asdict(state), "rng": rng_state()}
+
+
+def save_checkpoint(path, payload):
+    """Write atomically: a kill mid-write leaves the previous file intact."""
+    write_atomically(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path, kind, made_by=None):
+    """Load one of our checkpoints (weights only, never pickled code) and check its kind."""
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; run `{made_by}` first" if made_by else ""
+        raise CheckpointError(f"checkpoint {path} not found{hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line})") from None
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} is not a {kind} checkpoint of this project (found {found!r})")
+    return payload
+
+
+def image_size_of(vqvae_ckpt):
+    """The image size a VQ-VAE checkpoint was trained at, which its codes belong to."""
+    return vqvae_ckpt["train_config"]["image_size"]
+
+
+def load_weights(model, ckpt, path):
+    """Weights into a model built from the checkpoint's config; a checkpoint whose tensors do
+    not fit (written by an older version of a model) gets a one-line error."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise CheckpointError(f"{path} does not fit this version's {ckpt['kind']} model ({detail}); "
+                              f"train it again") from None
+
+
+def check_same_config(path, saved, config):
+    """Refuse to resume into a model built differently, naming what differs."""
+    wanted = dataclasses.asdict(config)
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in changed)
+        raise CheckpointError(f"{path} was built with other settings ({details})")
+
+
+def load_model(path, kind, build, made_by, device):
+    """A model rebuilt from its checkpoint alone, in eval mode, and the whole checkpoint."""
+    ckpt = load_checkpoint(path, kind, made_by=made_by)
+    model = build(ckpt["model_config"]).to(device)
+    load_weights(model, ckpt, path)
+    model.eval()
+    return model, ckpt
+
+
+def load_vqvae(path, device):
+    return load_model(path, "vqvae", lambda c: VQVAE(VQVAEConfig(**c)), "python train.py", device)
+
+
+def load_prior(path, device):
+    return load_model(path, "pixelcnn", lambda c: build_prior(PixelCNNConfig(**c)),
+                      "python pixelcnn.py", device)
+
+
+def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
+    """Restore everything a run needs to continue exactly; returns its RunState."""
+    ckpt = load_checkpoint(path, kind, made_by=made_by)
+    check_same_config(path, ckpt["model_config"], model_cfg)
+    load_weights(model, ckpt, path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    restore_rng_state(ckpt["rng"])
+    state = RunState(**ckpt["run"])
+    print(f"resumed from {path} at step {state.step} (epoch {state.epoch + 1})")
+    return state
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a training run stands; saved in every checkpoint, so resuming is exact."""
+    epoch: int = 0           # epochs completed
+    step_in_epoch: int = 0   # steps done in the epoch under way
+    step: int = 0            # steps done in all
+    best: float = float("nan")
+    history: list = dataclasses.field(default_factory=list)
+    total_steps: int = 0     # where a time budget ends the run; 0 = after the last epoch
+
+    def finished(self):
+        """Past the step a time budget ends the run at (never, without a budget)."""
+        return bool(self.total_steps) and self.step >= self.total_steps
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": numpy_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def numpy_rng_state():
+    # As tensors and plain values, so that weights_only loading accepts them.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def restore_rng_state(state):
+    random.setstate(_as_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
