@@ -39,9 +39,10 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
 from brain import brain_region
-from checkpoint import image_size_of, load_prior, load_vqvae
-from cli import die, opt, parse_configs, run_script
+from checkpoint import TrainedModels, image_size_of, load_prior, load_vqvae
+from cli import opt, parse_configs, run_script
 from dataset import load_split_tensor, resolve_data_root
+from errors import FlagError
 from files import progress_indices
 from hardware import pick_device, set_seed
 from lesions import CONTRAST_BINS, FROM_10PX, SIZE_BINS, LesionSet, detection_figures, make_lesion_set
@@ -59,10 +60,8 @@ METHOD_NAMES = {"reconstruction": "reconstruction error", "code_nll": "code NLL"
 
 
 @dataclass
-class AnomalyConfig:
+class AnomalyConfig(TrainedModels):
     data: str = opt("demo", "OASIS root whose validate and test slices get the lesions, or 'demo'")
-    vqvae: str = opt("checkpoints/vqvae_best.pt", "VQ-VAE checkpoint from train.py")
-    prior: str = opt("checkpoints/pixelcnn_best.pt", "PixelCNN checkpoint from pixelcnn.py")
     out_dir: str = opt("out", "where anomaly.png and anomaly_metrics.json go")
     threshold: str = opt("auto", "heal the codes whose probability under the prior is below this (a number in "
                                  "(0, 1)); auto = the value of --threshold-grid whose healing maps score the "
@@ -93,7 +92,7 @@ class AnomalyConfig:
 # ----------------------------------------------------------------------------- flags
 
 def heal_threshold(text):
-    """--threshold as a probability, or None for auto; a one-line error otherwise."""
+    """--threshold as a probability, or None for auto."""
     if text == "auto":
         return None
     try:
@@ -101,26 +100,26 @@ def heal_threshold(text):
     except ValueError:
         value = math.nan
     if not 0 < value < 1:
-        die(f"--threshold must be 'auto' or a probability in (0, 1); got {text!r}")
+        raise FlagError(f"--threshold must be 'auto' or a probability in (0, 1); got {text!r}")
     return value
 
 
 def check_range(name, values, upper=math.inf):
     if len(values) != 2 or not 0 < values[0] <= values[1] <= upper:
         bound = f" and at most {upper:g}" if upper < math.inf else ""
-        die(f"--{name} takes two numbers, smallest then largest, above 0{bound}; got {list(values)}")
+        raise FlagError(f"--{name} takes two numbers, smallest then largest, above 0{bound}; got {list(values)}")
 
 
 def check_flags(cfg: AnomalyConfig):
     heal_threshold(cfg.threshold)
     if not cfg.threshold_grid or not all(0 < t < 1 for t in cfg.threshold_grid):
-        die(f"--threshold-grid takes probabilities in (0, 1); got {list(cfg.threshold_grid)}")
+        raise FlagError(f"--threshold-grid takes probabilities in (0, 1); got {list(cfg.threshold_grid)}")
     check_range("lesion-size", cfg.lesion_size)
     check_range("lesion-contrast", cfg.lesion_contrast, upper=1.0)
     if cfg.smooth < 0:
-        die(f"--smooth must be at least 0; got {cfg.smooth}")
+        raise FlagError(f"--smooth must be at least 0; got {cfg.smooth}")
     if cfg.edge_margin < 0:
-        die(f"--edge-margin must be at least 0; got {cfg.edge_margin}")
+        raise FlagError(f"--edge-margin must be at least 0; got {cfg.edge_margin}")
 
 
 # ----------------------------------------------------------------------------- the lesioned slices
@@ -380,8 +379,11 @@ def run_anomaly(cfg: AnomalyConfig):
 
 def main(argv=None):
     (cfg,) = parse_configs(__doc__, [AnomalyConfig], argv)
-    check_flags(cfg)
-    return run_script(lambda: run_anomaly(cfg))
+
+    def work():
+        check_flags(cfg)
+        return run_anomaly(cfg)
+    return run_script(work)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import opt
+from cli import opt, run_script
 from hardware import pick_device, resolve_dtype, set_seed, synchronize, use_fast_math
 
 
@@ -41,6 +41,14 @@ class BenchmarkConfig:
                                  "FLOPs); writes nothing")
     benchmark_steps: int = opt(20, "timed training steps of --benchmark", minimum=1)
     benchmark_warmup: int = opt(3, "untimed training steps before them", minimum=0)
+
+
+def train_or_benchmark(configs, train, benchmark):
+    """A trainer's main: configs = (training config, model config, BenchmarkConfig) as parsed;
+    --benchmark times the trainer's step with benchmark(*configs), anything else trains."""
+    cfg, model_cfg, bench = configs
+    work = (lambda: benchmark(cfg, model_cfg, bench)) if bench.benchmark else (lambda: train(cfg, model_cfg))
+    run_script(work, batch_size=cfg.batch_size)
 
 
 def prepare(cfg):

@@ -27,10 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli import opt
 from errors import CheckpointError
 from files import write_atomically
 from prior import PixelCNNConfig, build_prior
 from vqvae import VQVAE, VQVAEConfig
+
+
+@dataclasses.dataclass
+class TrainedModels:
+    """The flags of a script that uses a trained VQ-VAE and its prior."""
+    vqvae: str = opt("checkpoints/vqvae_best.pt", "VQ-VAE checkpoint from train.py")
+    prior: str = opt("checkpoints/pixelcnn_best.pt", "PixelCNN checkpoint from pixelcnn.py")
 
 
 def checkpoint_payload(kind, model, model_cfg, train_cfg, optimizer, scheduler, state, **extras):

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from errors import CheckpointError, DataError, NonFiniteLoss
+from errors import CheckpointError, DataError, FlagError, NonFiniteLoss
 
 
 def opt(default, help, **extra):
@@ -89,6 +89,8 @@ def run_script(work, batch_size=None):
     """Run a script's work, turning expected failures into one-line errors (exit 2)."""
     try:
         return work()
+    except FlagError as err:
+        die(f"{err} (see --help)")
     except (DataError, CheckpointError, NonFiniteLoss) as err:
         die(err)
     except torch.OutOfMemoryError:

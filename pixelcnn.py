@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import BenchmarkConfig, report, time_steps
+from bench import BenchmarkConfig, report, time_steps, train_or_benchmark
 from bench import prepare as prepare_benchmark
 from checkpoint import RunState, checkpoint_payload, image_size_of, load_vqvae, resume_run, save_checkpoint
-from cli import opt, parse_configs, run_script
+from cli import opt, parse_configs
 from dataset import load_split_tensor, resolve_data_root
 from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, synchronize,
                       use_fast_math, wrap_for_ranks)
@@ -278,11 +278,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    cfg, model_cfg, bench = parse_args(argv)
-    if bench.benchmark:
-        run_script(lambda: benchmark_prior(cfg, model_cfg, bench), batch_size=cfg.batch_size)
-    else:
-        run_script(lambda: train_prior(cfg, model_cfg), batch_size=cfg.batch_size)
+    train_or_benchmark(parse_args(argv), train_prior, benchmark_prior)
 
 
 if __name__ == "__main__":

@@ -29,27 +29,25 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import image_size_of, load_prior, load_vqvae
-from cli import die, opt, parse_configs, run_script
+from checkpoint import TrainedModels, image_size_of, load_prior, load_vqvae
+from cli import opt, parse_configs, run_script
 from dataset import load_split_tensor, resolve_data_root
 from demo import demo_noise_free_split
-from errors import DataError
+from errors import FlagError
 from files import image_grid, progress_indices, save_gray_png, to_uint8
 from hardware import pick_device, set_seed
 from metrics import codebook_usage, psnr_per_image, ssim_per_image
 from prior import sample_codes
-from vqvae import decode_all, encode_all, reconstruct_all, to_unit
 from realism import print_realism, realism_report
+from vqvae import decode_all, encode_all, reconstruct_all, to_unit
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(TrainedModels):
     data: str = opt("demo", "OASIS root whose test split is evaluated, or 'demo'")
-    vqvae: str = opt("checkpoints/vqvae_best.pt", "VQ-VAE checkpoint from train.py")
-    prior: str = opt("checkpoints/pixelcnn_best.pt", "PixelCNN checkpoint from pixelcnn.py")
     out_dir: str = opt("out", "where every output goes")
     progress_dir: str = opt("out/progress", "train.py's per-epoch grids, for the GIF")
     n_samples: int = opt(16, "slices to generate", minimum=1)
@@ -106,7 +104,7 @@ def sample_conditions(prior_ckpt, n, slice_position, generator):
         return None
     if slice_position >= 0:
         if slice_position >= n_conditions:
-            raise DataError(f"--slice {slice_position} is beyond the prior's {n_conditions} positions")
+            raise FlagError(f"--slice {slice_position} is beyond the prior's {n_conditions} positions")
         return torch.full((n,), slice_position, dtype=torch.long)
     weights = prior_ckpt["slice_counts"].double()
     return torch.multinomial(weights, n, replacement=True, generator=generator)
@@ -115,7 +113,7 @@ def sample_conditions(prior_ckpt, n, slice_position, generator):
 def sampling_settings(cfg: PredictConfig):
     """The keyword arguments of modules.sample_codes that --temperature and --top-p set."""
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        raise DataError(f"--temperature must be above 0 and --top-p in (0, 1]; got {cfg.temperature}, {cfg.top_p}")
+        raise FlagError(f"--temperature must be above 0 and --top-p in (0, 1]; got {cfg.temperature}, {cfg.top_p}")
     return {"temperature": cfg.temperature, "top_p": cfg.top_p}
 
 
@@ -250,7 +248,7 @@ def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, root, image_size, test
 
 def predict(cfg: PredictConfig):
     if cfg.realism and cfg.reconstruction_only:
-        die("--realism judges the prior's samples; it cannot go with --reconstruction-only")
+        raise FlagError("--realism judges the prior's samples; it cannot go with --reconstruction-only")
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     out_dir = Path(cfg.out_dir)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from cli import opt
 from errors import DataError
 
+
 class MaskedConv2d(nn.Conv2d):
     """Convolution that sees only positions before the centre in raster order.
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench import BenchmarkConfig, report, time_steps
+from bench import BenchmarkConfig, report, time_steps, train_or_benchmark
 from bench import prepare as prepare_benchmark
 from checkpoint import RunState, checkpoint_payload, resume_run, save_checkpoint
-from cli import opt, parse_configs, run_script
+from cli import opt, parse_configs
 from dataset import load_split_tensor, resolve_data_root
 from files import image_grid, progress_indices, save_gray_png
 from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, use_fast_math,
@@ -315,11 +315,7 @@ def save_progress_grid(model, images_u8, path):
 
 
 def main(argv=None):
-    cfg, model_cfg, bench = parse_args(argv)
-    if bench.benchmark:
-        run_script(lambda: benchmark_training(cfg, model_cfg, bench), batch_size=cfg.batch_size)
-    else:
-        run_script(lambda: train(cfg, model_cfg), batch_size=cfg.batch_size)
+    train_or_benchmark(parse_args(argv), train, benchmark_training)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from cli import opt
 from metrics import perplexity
 
-
 # ----------------------------------------------------------------------------- VQ-VAE
 
 @dataclass
