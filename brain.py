@@ -20,22 +20,27 @@ BRAIN_RIM_PX_AT_256 = 16
 HEAD_CLOSING_PX_AT_256 = 4
 
 
-def filled_head(image):
-    """Everything inside the outline of the head of one slice in [0, 1]: its foreground, closed
-    over gaps in the scalp, with the holes (ventricles, dark skull) filled; its largest region."""
+def head_mask(image):
+    """Everything inside the outline of the head of one slice (uint8, or floats in [0, 1]): its
+    foreground, closed over gaps in the scalp, with the holes (ventricles, dark skull) filled;
+    its largest region."""
+    image = as_unit(image)
     closing = max(1, round(HEAD_CLOSING_PX_AT_256 * image.shape[-1] / NATIVE_SIZE))
-    foreground = np.pad(np.asarray(image) > FOREGROUND_THRESHOLD, closing)  # room to close at the border
+    foreground = np.pad(image > FOREGROUND_THRESHOLD, closing)  # room to close at the border
     closed = ndimage.binary_closing(foreground, iterations=closing)[closing:-closing, closing:-closing]
-    labels, count = ndimage.label(ndimage.binary_fill_holes(closed))
-    if not count:
-        return labels > 0
-    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return _largest_component(ndimage.binary_fill_holes(closed))
 
 
 def brain_region(image):
-    """The brain of one slice in [0, 1]: its filled head, less the rim of scalp and skull."""
+    """The brain of one slice (uint8, or floats in [0, 1]): its head, less the rim of scalp and skull."""
     rim = BRAIN_RIM_PX_AT_256 * image.shape[-1] / NATIVE_SIZE
-    return ndimage.distance_transform_edt(filled_head(image)) > rim
+    return ndimage.distance_transform_edt(head_mask(image)) > rim
+
+
+def as_unit(image):
+    """A slice as floats in [0, 1]: uint8 pixels scaled, floats as they are."""
+    image = np.asarray(image)
+    return image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image
 
 def slice_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     """Per-slice foreground fraction, mean intensity and foreground bounding box (rows, cols)."""
@@ -135,21 +140,13 @@ DARK_HOLE_LEVEL = 0.02
 _HOLE_MIN_AREA_AT_256 = 40
 
 
-def head_mask(plane: np.ndarray) -> np.ndarray:
-    """The head of one 8-bit slice: its largest foreground region, with the holes filled."""
-    return _largest_component(ndimage.binary_fill_holes(
-        ndimage.binary_opening(plane.astype(np.float32) / 255.0 > FOREGROUND_THRESHOLD, iterations=2)))
-
-
 def dark_holes(images: np.ndarray, level: float = DARK_HOLE_LEVEL) -> np.ndarray:
     """Per 8-bit slice, how many black spots lie inside the head, away from its rim:
     connected regions darker than `level` of full scale, of a few pixels or more."""
     counts = []
     for plane in images:
         scale = plane.shape[-1] / NATIVE_SIZE
-        head = head_mask(plane)
-        inner = ndimage.binary_erosion(head, iterations=max(1, round(BRAIN_RIM_PX_AT_256 * scale)))
-        labels, n = ndimage.label((plane.astype(np.float32) / 255.0 < level) & inner)
+        labels, n = ndimage.label((as_unit(plane) < level) & brain_region(plane))
         areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         counts.append(int((areas >= max(1, round(_HOLE_MIN_AREA_AT_256 * scale ** 2))).sum()))
     return np.array(counts, dtype=np.int64)
