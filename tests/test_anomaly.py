@@ -1,22 +1,17 @@
 """Anomaly maps: the lesion benchmark draws what its masks say, healing resamples exactly the
 flagged codes, a foreign patch stands out in the map, and nothing is chosen on the test split."""
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import anomaly
-import pixelcnn
-import train
 from brain import brain_region
 from dataset import load_split
 from lesions import LesionSet, detection_figures, make_lesion_set
 from metrics import auroc, average_precision, best_dice, dice_at
 from prior import PixelCNNConfig, VerticalStacks, build_prior, heal_codes, sample_codes
-
-from conftest import TINY_PRIOR_BATCH_2, TINY_VQVAE_BATCH_2
 
 
 @pytest.fixture(scope="module")
@@ -24,22 +19,6 @@ def slices_128(tiny_demo):
     """The tiny demo set's 16 slices at 128 x 128, in [0, 1]."""
     return np.concatenate([load_split(tiny_demo, split, 128, cache_dir=None, progress=False).images
                            for split in ("train", "validate", "test")]).astype(np.float32) / 255
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, tiny_demo):
-    """A tiny VQ-VAE and prior trained on the tiny demo set; -> (working directory, data root)."""
-    work = tmp_path_factory.mktemp("anomaly")
-    previous = os.getcwd()
-    os.chdir(work)
-    try:
-        # batch 2 gives 4 steps an epoch; these epochs take seconds and give reconstructions that follow
-        # the head and a prior that knows background from brain
-        train.main(["--data", str(tiny_demo), "--epochs", "60", "--lr", "3e-3", *TINY_VQVAE_BATCH_2])
-        pixelcnn.main(["--data", str(tiny_demo), "--epochs", "24", *TINY_PRIOR_BATCH_2])
-        yield work, tiny_demo
-    finally:
-        os.chdir(previous)
 
 
 # ----------------------------------------------------------------------------- the lesions
@@ -182,10 +161,9 @@ def test_healing_works_only_where_some_slice_has_a_flag(monkeypatch):
 
 @pytest.mark.parametrize("combine", ["mean", "min"])
 def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combine):
-    work, data = tiny_models
-    vqvae, _ = anomaly.load_vqvae(work / "checkpoints/vqvae_best.pt", "cpu")
-    prior, _ = anomaly.load_prior(work / "checkpoints/pixelcnn_best.pt", "cpu")
-    images_u8, slices = anomaly.load_split_tensor(data, "test", 32, cache_dir=None, progress=False)
+    vqvae, _ = anomaly.load_vqvae(tiny_models.vqvae, "cpu")
+    prior, _ = anomaly.load_prior(tiny_models.prior, "cpu")
+    images_u8, slices = anomaly.load_split_tensor(tiny_models.data, "test", 32, cache_dir=None, progress=False)
     patch = np.zeros((len(images_u8), 32, 32), bool)
     patch[:, 12:20, 12:20] = True  # two by two codes of background in the middle of the brain
     images = np.where(patch, 0.0, images_u8[:, 0].numpy() / 255).astype(np.float32)
@@ -202,7 +180,14 @@ def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combin
     # background is easy to reconstruct, so the reconstruction error is the weakest here
     assert contrast(maps.reconstruction)[0] > 1
     assert contrast(maps.code_nll)[0] > 1.2 and contrast(maps.code_nll)[1] > 0.7
-    assert contrast(maps.healing)[0] > 2 and contrast(maps.healing)[1] > 0.75
+    # Healing: the patch stands out by a clear factor, and its mean outscores most untouched tissue.
+    # Float32 models of seeds 0-4 gave ratio 2.2 to 6.3, AUROC 0.82 to 1.00 and a mean above 93 %
+    # to 100 % of untouched pixels (the least: seed 0, the seed trained here); another CPU, training
+    # in whatever --dtype auto picked there, gave ratios 1.99 (mean) and 1.75 (min). The bounds sit
+    # well inside all of them.
+    ratio, separation = contrast(maps.healing)
+    outscored = (maps.healing[regions & ~patch] < maps.healing[patch].mean()).mean()
+    assert ratio > 1.3 and separation > 0.7 and outscored > 0.8, (ratio, separation, outscored)
 
 
 def test_the_maps_leave_out_a_band_along_the_brains_edge():
@@ -223,14 +208,11 @@ def test_the_maps_leave_out_a_band_along_the_brains_edge():
         assert (scores[0][band] == 0).all() and (scores[0][inner] > 0).all() and (scores[0][~disc] == 0).all()
 
 
-def run_tiny(tiny_models, tmp_path, *flags):
-    work, data = tiny_models
-    previous = os.getcwd()
-    os.chdir(work)
-    try:
-        return anomaly.main(["--data", str(data), "--out-dir", str(tmp_path / "out"), "--n-heal", "2", *flags])
-    finally:
-        os.chdir(previous)
+def run_tiny(tiny_models, tmp_path, monkeypatch, *flags):
+    """anomaly.py as a user runs it where the models were trained (its default checkpoints)."""
+    monkeypatch.chdir(tiny_models.work)
+    return anomaly.main(["--data", str(tiny_models.data), "--out-dir", str(tmp_path / "out"), "--n-heal", "2",
+                         *flags])
 
 
 def test_thresholds_are_chosen_on_validate_before_the_test_split_is_loaded(tiny_models, tmp_path, monkeypatch):
@@ -244,16 +226,16 @@ def test_thresholds_are_chosen_on_validate_before_the_test_split_is_loaded(tiny_
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(anomaly, name, spy)
-    data_files = sorted(p.relative_to(tiny_models[1]) for p in tiny_models[1].rglob("*"))
-    report = run_tiny(tiny_models, tmp_path, "--threshold", "auto", "--threshold-grid", "0.02", "0.1")
+    data_files = sorted(p.relative_to(tiny_models.data) for p in tiny_models.data.rglob("*"))
+    report = run_tiny(tiny_models, tmp_path, monkeypatch, "--threshold", "auto", "--threshold-grid", "0.02", "0.1")
     assert events == [("load_split_tensor", "validate"), ("choose_heal_threshold", "validate"),
                       ("choose_dice_thresholds", "validate"), ("load_split_tensor", "test")]
     assert report["heal_threshold"] in (0.02, 0.1) and set(report["threshold_search"]) == {"0.02", "0.1"}
-    assert sorted(p.relative_to(tiny_models[1]) for p in tiny_models[1].rglob("*")) == data_files  # nothing written
+    assert sorted(p.relative_to(tiny_models.data) for p in tiny_models.data.rglob("*")) == data_files  # nothing written
 
 
-def test_the_run_writes_its_figure_and_the_promised_figures(tiny_models, tmp_path):
-    run_tiny(tiny_models, tmp_path, "--threshold", "0.05")
+def test_the_run_writes_its_figure_and_the_promised_figures(tiny_models, tmp_path, monkeypatch):
+    run_tiny(tiny_models, tmp_path, monkeypatch, "--threshold", "0.05")
     out = tmp_path / "out"
     assert (out / "anomaly.png").is_file()
     report = json.loads((out / "anomaly_metrics.json").read_text())
@@ -273,7 +255,8 @@ def test_the_run_writes_its_figure_and_the_promised_figures(tiny_models, tmp_pat
                                    ["--lesion-contrast", "0.2", "1.5"], ["--n-heal", "0"], ["--smooth", "-1"],
                                    ["--edge-margin", "-2"], ["--combine", "max"],
                                    ["--vqvae", "missing.pt"]])
-def test_a_bad_flag_gets_a_one_line_error(flags, tmp_path, capsys):
+def test_a_bad_flag_gets_a_one_line_error(flags, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no checkpoint or data set of the working tree in reach
     with pytest.raises(SystemExit) as stop:
         anomaly.main(["--out-dir", str(tmp_path), *flags])
     assert stop.value.code == 2

@@ -3,7 +3,6 @@
 Every test builds its own small tree in tmp_path in the OASIS layout; none needs the
 real data.
 """
-import json
 import os
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 import dataset
 from dataset import load_split, load_split_tensor, resolve_data_root
 from errors import DataError
-from slices import SPLITS, SliceSet, list_split_files, parse_slice_name, read_slice, split_dir
+from slices import SPLITS, SliceSet, cases_in_several_splits, list_split_files, parse_slice_name, read_slice, split_dir
 
 SIDE = 256
 
@@ -22,17 +21,11 @@ def slice_name(case_id, number):
     return f"case_{case_id}_slice_{number}.nii.png"
 
 
-def write_png(path, pixels, mode=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, mode=mode).save(path) if mode else Image.fromarray(pixels).save(path)
-    return path
-
-
 def random_slice(rng, side=SIDE):
     return rng.integers(0, 256, size=(side, side), dtype=np.uint8)
 
 
-def make_tree(root, cases=("001", "002"), n_slices=3, seed=0):
+def make_tree(root, write_png, cases=("001", "002"), n_slices=3, seed=0):
     """A small OASIS-layout tree of random 8-bit slices; returns {(split, name): pixels}."""
     rng = np.random.default_rng(seed)
     written = {}
@@ -46,16 +39,10 @@ def make_tree(root, cases=("001", "002"), n_slices=3, seed=0):
     return written
 
 
-def assert_one_line_naming(error_info, path):
-    message = str(error_info.value)
-    assert "\n" not in message
-    assert str(path) in message
-
-
 @pytest.fixture
-def tree(tmp_path):
+def tree(tmp_path, write_png):
     root = tmp_path / "oasis"
-    return root, make_tree(root)
+    return root, make_tree(root, write_png)
 
 
 # --------------------------------------------------------------------------- names and order
@@ -76,7 +63,7 @@ def test_parse_slice_name_rejects_other_names(name):
         parse_slice_name(name)
 
 
-def test_slices_are_ordered_by_case_number_then_slice_number(tmp_path):
+def test_slices_are_ordered_by_case_number_then_slice_number(tmp_path, write_png):
     folder = tmp_path / "keras_png_slices_train"
     names = [slice_name("10", 0), slice_name("2", 10), slice_name("2", 9), slice_name("2", 0),
              slice_name("abc", 1), slice_name("010", 2)]
@@ -88,7 +75,7 @@ def test_slices_are_ordered_by_case_number_then_slice_number(tmp_path):
                        slice_name("010", 2), slice_name("10", 0), slice_name("abc", 1)]
 
 
-def test_non_png_files_and_segmentation_folders_are_ignored(tree):
+def test_non_png_files_and_segmentation_folders_are_ignored(tree, write_png):
     root, written = tree
     (root / "keras_png_slices_train" / "notes.txt").write_text("not a slice")
     seg = root / "keras_png_slices_seg_train"
@@ -121,7 +108,7 @@ def test_load_split_tensor_is_uint8_with_a_channel_axis(tree):
     assert np.array_equal(images[2, 0].numpy(), written["test", slices.files[2]])
 
 
-def test_rgb_png_becomes_luma_gray(tmp_path):
+def test_rgb_png_becomes_luma_gray(tmp_path, write_png):
     rgb = np.zeros((SIDE, SIDE, 3), np.uint8)
     rgb[:128] = (137, 137, 137)
     rgb[128:] = (200, 100, 50)
@@ -131,7 +118,7 @@ def test_rgb_png_becomes_luma_gray(tmp_path):
     assert abs(int(pixels[-1, -1]) - round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)) <= 1
 
 
-def test_rgba_and_palette_pngs_become_gray(tmp_path):
+def test_rgba_and_palette_pngs_become_gray(tmp_path, write_png):
     rgba = np.zeros((SIDE, SIDE, 4), np.uint8)
     rgba[..., :3] = 90
     rgba[..., 3] = 255
@@ -142,7 +129,7 @@ def test_rgba_and_palette_pngs_become_gray(tmp_path):
     assert (read_slice(tmp_path / "palette.png") == 60).all()
 
 
-def test_16_bit_png_is_scaled_by_its_bit_depth_not_clipped(tmp_path):
+def test_16_bit_png_is_scaled_by_its_bit_depth_not_clipped(tmp_path, write_png):
     wide = np.zeros((SIDE, SIDE), np.uint16)
     wide[0, :4] = [0, 257 * 100, 65535, 1000]
     path = write_png(tmp_path / "wide.png", wide)
@@ -152,7 +139,7 @@ def test_16_bit_png_is_scaled_by_its_bit_depth_not_clipped(tmp_path):
     assert pixels[0, :4].tolist() == [0, 100, 255, round(1000 * 255 / 65535)]
 
 
-def test_image_size_resizes_and_native_size_is_untouched(tmp_path):
+def test_image_size_resizes_and_native_size_is_untouched(tmp_path, write_png):
     rng = np.random.default_rng(1)
     native = random_slice(rng)
     path = write_png(tmp_path / "native.png", native)
@@ -163,7 +150,7 @@ def test_image_size_resizes_and_native_size_is_untouched(tmp_path):
     assert (read_slice(flat, image_size=32) == 77).all()
 
 
-def test_resize_is_antialiased_not_subsampled(tmp_path):
+def test_resize_is_antialiased_not_subsampled(tmp_path, write_png):
     stripes = np.zeros((SIDE, SIDE), np.uint8)
     stripes[:, ::2] = 255  # one-pixel stripes: subsampling would keep 0 or 255 only
     resized = read_slice(write_png(tmp_path / "stripes.png", stripes), image_size=64)
@@ -176,7 +163,7 @@ def test_load_split_resizes_every_slice(tree):
     assert slices.images.shape == (6, 32, 32)
 
 
-def test_load_split_default_size_resizes_other_sizes_to_256(tmp_path):
+def test_load_split_default_size_resizes_other_sizes_to_256(tmp_path, write_png):
     write_png(tmp_path / "keras_png_slices_test" / slice_name("001", 0), np.full((128, 128), 9, np.uint8))
     slices = load_split(tmp_path, "test", cache_dir=None, progress=False)
     assert slices.images.shape == (1, SIDE, SIDE) and (slices.images == 9).all()
@@ -185,14 +172,14 @@ def test_load_split_default_size_resizes_other_sizes_to_256(tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
-def test_missing_root_is_named(tmp_path):
+def test_missing_root_is_named(tmp_path, assert_one_line_naming):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError) as error_info:
         load_split(missing, "train", cache_dir=None, progress=False)
     assert_one_line_naming(error_info, missing)
 
 
-def test_root_that_is_a_file_is_named(tmp_path):
+def test_root_that_is_a_file_is_named(tmp_path, assert_one_line_naming):
     a_file = tmp_path / "oasis.zip"
     a_file.write_bytes(b"zip")
     with pytest.raises(DataError, match="is a file") as error_info:
@@ -200,7 +187,7 @@ def test_root_that_is_a_file_is_named(tmp_path):
     assert_one_line_naming(error_info, a_file)
 
 
-def test_missing_split_folder_is_named(tree):
+def test_missing_split_folder_is_named(tree, assert_one_line_naming):
     root, _ = tree
     (root / "keras_png_slices_test").rename(root / "elsewhere")
     with pytest.raises(DataError, match="split folder missing") as error_info:
@@ -208,7 +195,7 @@ def test_missing_split_folder_is_named(tree):
     assert_one_line_naming(error_info, root / "keras_png_slices_test")
 
 
-def test_empty_split_folder_is_named(tmp_path):
+def test_empty_split_folder_is_named(tmp_path, assert_one_line_naming):
     folder = tmp_path / "keras_png_slices_train"
     folder.mkdir()
     with pytest.raises(DataError, match="no case_") as error_info:
@@ -216,7 +203,7 @@ def test_empty_split_folder_is_named(tmp_path):
     assert_one_line_naming(error_info, folder)
 
 
-def test_png_with_a_foreign_name_is_named(tree):
+def test_png_with_a_foreign_name_is_named(tree, write_png, assert_one_line_naming):
     root, _ = tree
     stray = write_png(root / "keras_png_slices_train" / "brain.png", np.zeros((SIDE, SIDE), np.uint8))
     with pytest.raises(DataError) as error_info:
@@ -224,7 +211,7 @@ def test_png_with_a_foreign_name_is_named(tree):
     assert_one_line_naming(error_info, stray)
 
 
-def test_zero_byte_png_is_named(tree):
+def test_zero_byte_png_is_named(tree, assert_one_line_naming):
     root, _ = tree
     empty = root / "keras_png_slices_train" / slice_name("001", 1)
     empty.write_bytes(b"")
@@ -233,7 +220,7 @@ def test_zero_byte_png_is_named(tree):
     assert_one_line_naming(error_info, empty)
 
 
-def test_truncated_png_is_named(tree):
+def test_truncated_png_is_named(tree, assert_one_line_naming):
     root, _ = tree
     path = root / "keras_png_slices_validate" / slice_name("002", 2)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -242,7 +229,7 @@ def test_truncated_png_is_named(tree):
     assert_one_line_naming(error_info, path)
 
 
-def test_text_file_named_png_is_named(tmp_path):
+def test_text_file_named_png_is_named(tmp_path, assert_one_line_naming):
     path = tmp_path / slice_name("001", 0)
     path.write_text("hello, I am not an image\n")
     with pytest.raises(DataError, match="not a PNG") as error_info:
@@ -250,7 +237,7 @@ def test_text_file_named_png_is_named(tmp_path):
     assert_one_line_naming(error_info, path)
 
 
-def test_wrong_size_without_resizing_names_file_and_flag(tmp_path):
+def test_wrong_size_without_resizing_names_file_and_flag(tmp_path, write_png, assert_one_line_naming):
     path = write_png(tmp_path / slice_name("001", 0), np.zeros((200, 180), np.uint8))
     with pytest.raises(DataError, match="--image-size") as error_info:
         read_slice(path, image_size=None)
@@ -258,7 +245,7 @@ def test_wrong_size_without_resizing_names_file_and_flag(tmp_path):
     assert "180x200" in str(error_info.value)
 
 
-def test_load_split_with_no_resizing_rejects_a_wrong_size(tmp_path):
+def test_load_split_with_no_resizing_rejects_a_wrong_size(tmp_path, write_png, assert_one_line_naming):
     path = write_png(tmp_path / "keras_png_slices_train" / slice_name("001", 0), np.zeros((64, 64), np.uint8))
     with pytest.raises(DataError) as error_info:
         load_split(tmp_path, "train", image_size=None, cache_dir=None, progress=False)
@@ -302,7 +289,7 @@ def test_cache_is_keyed_by_image_size(tree, tmp_path, monkeypatch):
     assert load_split(root, "train", cache_dir=cache, progress=False).images.shape[1:] == (SIDE, SIDE)
 
 
-def test_changing_a_file_invalidates_the_cache(tree, tmp_path):
+def test_changing_a_file_invalidates_the_cache(tree, tmp_path, write_png):
     root, _ = tree
     cache = tmp_path / "cache"
     load_split(root, "train", cache_dir=cache, progress=False)
@@ -316,7 +303,7 @@ def test_changing_a_file_invalidates_the_cache(tree, tmp_path):
     assert len(list(cache.glob("*.npz"))) == 1  # the stale cache was removed
 
 
-def test_adding_a_slice_invalidates_the_cache(tree, tmp_path):
+def test_adding_a_slice_invalidates_the_cache(tree, tmp_path, write_png):
     root, _ = tree
     cache = tmp_path / "cache"
     load_split(root, "test", cache_dir=cache, progress=False)
@@ -403,7 +390,6 @@ def test_cli_help_documents_every_flag(capsys):
 
 
 def test_cases_in_several_splits_are_found(tree, tiny_demo):
-    from dataset import cases_in_several_splits
     root, _ = tree
     assert cases_in_several_splits(root) == {"001": list(SPLITS), "002": list(SPLITS)}
     assert cases_in_several_splits(tiny_demo) == {}

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY_PRIOR, TINY_VQVAE
-
 PROJECT = Path(__file__).resolve().parents[1]
 
 # Runs one script's main() under torchrun and saves the weights of the model it trained,
@@ -44,10 +42,10 @@ def assert_same_weights(a, b):
     assert not different, f"ranks differ in {different}"
 
 
-def test_two_processes_end_with_identical_weights(tmp_path, tiny_demo):
+def test_two_processes_end_with_identical_weights(tmp_path, tiny_demo, tiny_flags):
     (tmp_path / "worker.py").write_text(WORKER)
     # 8 training slices, 2 per process per step: 2 steps per epoch, where one process takes 4
-    out = torchrun(tmp_path, "train", ["--data", str(tiny_demo), "--epochs", "2", *TINY_VQVAE,
+    out = torchrun(tmp_path, "train", ["--data", str(tiny_demo), "--epochs", "2", *tiny_flags.vqvae,
                                        "--batch-size", "2", "--log-every", "1"])
     assert_same_weights(tmp_path / "train_rank0.pt", tmp_path / "train_rank1.pt")
     last = torch.load(tmp_path / "checkpoints" / "vqvae_last.pt", weights_only=True)
@@ -55,7 +53,7 @@ def test_two_processes_end_with_identical_weights(tmp_path, tiny_demo):
     assert out.count("val SSIM") == 2  # one log line per epoch: rank 1 prints nothing
     assert len(list((tmp_path / "out" / "progress").glob("epoch_*.png"))) == 2
 
-    torchrun(tmp_path, "pixelcnn", ["--data", str(tiny_demo), "--epochs", "2", *TINY_PRIOR,
+    torchrun(tmp_path, "pixelcnn", ["--data", str(tiny_demo), "--epochs", "2", *tiny_flags.prior,
                                     "--batch-size", "2"])
     assert_same_weights(tmp_path / "pixelcnn_rank0.pt", tmp_path / "pixelcnn_rank1.pt")
     assert torch.load(tmp_path / "checkpoints" / "pixelcnn_last.pt", weights_only=True)["run"]["step"] == 4

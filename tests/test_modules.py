@@ -3,10 +3,12 @@ import torch
 import torch.nn.functional as F
 
 import pixelcnn
+from errors import DataError
 from metrics import ssim_per_image
-from prior import GatedPixelCNN, MaskedConv2d, PixelCNNConfig, build_prior, rows_seen_above, sample_codes
-from vqvae import VQVAE, VQVAEConfig, VectorQuantizer
+from prior import (GatedPixelCNN, MaskedConv2d, PixelCNNConfig, build_prior, nucleus, rows_seen_above, sample_codes,
+                   slice_conditions)
 from train import PRESETS
+from vqvae import VQVAE, VectorQuantizer, VQVAEConfig
 
 TINY_VQ = dict(hidden=16, res_hidden=8, num_codes=32, code_dim=8)
 
@@ -271,10 +273,9 @@ def test_a_bfloat16_prior_step_runs_the_network_in_bfloat16_and_keeps_float32_we
     model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    step = pixelcnn.make_train_step(model, model, optimizer, scheduler, "bfloat16", "cpu")
     codes = torch.randint(0, 10, (4, 6, 6))
     before = [p.detach().clone() for p in model.parameters()]
-    loss = step(codes, torch.tensor([0, 1, 2, 3]))
+    loss = pixelcnn.train_step(model, model, optimizer, scheduler, codes, torch.tensor([0, 1, 2, 3]), "bfloat16")
     assert seen == [torch.bfloat16]
     assert torch.isfinite(loss).all() and loss.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -282,7 +283,6 @@ def test_a_bfloat16_prior_step_runs_the_network_in_bfloat16_and_keeps_float32_we
 
 
 def test_nucleus_keeps_the_fewest_likeliest_codes_that_reach_top_p_and_renormalises():
-    from modules import nucleus
     probs = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.97, 0.01, 0.01, 0.01]])
     kept = nucleus(probs, 0.75)
     assert torch.allclose(kept, torch.tensor([[0.0, 0.625, 0.375, 0.0], [1.0, 0.0, 0.0, 0.0]]))
@@ -295,3 +295,12 @@ def test_sampling_with_a_tiny_top_p_draws_the_most_likely_code_everywhere():
     greedy = sample_codes(model, 2, 4, 4, top_p=1e-6, generator=torch.Generator().manual_seed(1))
     again = sample_codes(model, 2, 4, 4, top_p=1e-6, generator=torch.Generator().manual_seed(2))
     assert torch.equal(greedy, again)  # no randomness left: the likeliest code at every position
+
+
+def test_slice_conditions_are_the_positions_or_none_and_refuse_a_position_beyond_the_prior():
+    positions = torch.tensor([0, 5, 31])
+    assert torch.equal(slice_conditions(positions, 32), positions)
+    assert slice_conditions(positions, 0) is None  # an unconditioned prior
+    assert slice_conditions(positions.numpy(), 32).dtype == torch.long
+    with pytest.raises(DataError, match=r"slice index 31 is beyond the prior's 8 positions \(--n-conditions\)"):
+        slice_conditions(positions, 8)

@@ -1,38 +1,37 @@
 """The three scripts, end to end, on a tiny demo set at 32x32."""
 import json
-import os
 
 import pytest
 import torch
 from PIL import Image
 
+import hardware
 import pixelcnn
 import predict
 import train
 from cli import parse_configs
+from errors import FlagError
+from prior import PixelCNNConfig, rows_seen_above
+from vqvae import VQVAEConfig
 
-from conftest import TINY_PRIOR, TINY_VQVAE
 N_SAMPLES = 3
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tiny_demo):
-    """Run train -> prior -> predict once in a scratch working directory."""
+def pipeline_run(tmp_path_factory, tiny_demo, tiny_flags):
+    """Run train -> prior -> predict once in a scratch working directory, as a user does."""
     work, data = tmp_path_factory.mktemp("run"), tiny_demo
-    previous = os.getcwd()
-    os.chdir(work)
     # leftovers of an older, longer run must not leak into this run's GIF and samples
     for stale in ("out/progress/epoch_007.png", "out/samples/sample_099.png"):
         (work / stale).parent.mkdir(parents=True, exist_ok=True)
         Image.new("L", (32, 32)).save(work / stale)
-    try:
-        train.main(["--data", str(data), "--epochs", "2", *TINY_VQVAE])
-        pixelcnn.main(["--data", str(data), "--epochs", "2", *TINY_PRIOR])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        train.main(["--data", str(data), "--epochs", "2", *tiny_flags.vqvae])
+        pixelcnn.main(["--data", str(data), "--epochs", "2", *tiny_flags.prior])
         predict.main(["--data", str(data), "--n-samples", str(N_SAMPLES), "--save-reconstructions",
                       "--sweep-frames", "3"])
-        yield work, data
-    finally:
-        os.chdir(previous)
+    return work, data
 
 
 def test_train_writes_best_and_last_checkpoints_with_config(pipeline_run):
@@ -42,6 +41,10 @@ def test_train_writes_best_and_last_checkpoints_with_config(pipeline_run):
         assert "model" in ckpt and "model_config" in ckpt and "train_config" in ckpt
     last = torch.load(work / "checkpoints" / "vqvae_last.pt", weights_only=True)
     assert last["model_config"]["num_codes"] == 16
+    assert last["train_config"]["dtype"] == "float32" and last["train_config"]["image_size"] == 32
+    for name in ("vqvae_last.pt", "pixelcnn_last.pt"):  # --benchmark is no setting of a run
+        recorded = torch.load(work / "checkpoints" / name, weights_only=True)["train_config"]
+        assert not any(key.startswith("benchmark") for key in recorded)
     assert [r["epoch"] for r in last["run"]["history"]] == [1, 2]
     assert all(0 <= r["val_ssim"] <= 1 for r in last["run"]["history"])
 
@@ -98,9 +101,10 @@ def test_predict_before_training_names_the_missing_checkpoint(tmp_path, monkeypa
     assert "checkpoints/vqvae_best.pt" in err and "python train.py" in err
 
 
-def test_train_on_a_missing_data_root_gives_a_one_line_error(tmp_path, capsys):
+def test_train_on_a_missing_data_root_gives_a_one_line_error(tmp_path, tiny_flags, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--data", str(tmp_path / "nowhere"), *TINY_VQVAE])
+        train.main(["--data", str(tmp_path / "nowhere"), *tiny_flags.vqvae])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nowhere" in err
@@ -116,8 +120,6 @@ def test_an_lr_hold_outside_0_to_1_gets_a_one_line_error(value, capsys):
 
 
 def test_a_preset_sets_defaults_and_explicit_flags_win():
-    from modules import VQVAEConfig
-    from utils import parse_configs
     classes = [train.TrainConfig, VQVAEConfig]
     cfg, model_cfg = parse_configs("", classes, ["--preset", "paper", "--batch-size", "8"], train.PRESETS)
     assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes, cfg.batch_size) == (256, 256, 512, 8)
@@ -128,23 +130,19 @@ def test_a_preset_sets_defaults_and_explicit_flags_win():
 
 
 def test_without_a_preset_a_gpu_run_gets_the_paper_model_and_a_cpu_run_the_quick_one():
-    cfg, model_cfg = train.parse_args(["--device", "cuda"])  # parsing only: nothing touches a GPU
+    cfg, model_cfg, _ = train.parse_args(["--device", "cuda"])  # parsing only: nothing touches a GPU
     assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes) == (256, 256, 512)
-    cfg, model_cfg = train.parse_args(["--device", "cpu"])
+    cfg, model_cfg, _ = train.parse_args(["--device", "cpu"])
     assert (cfg.image_size, model_cfg.hidden, model_cfg.num_codes) == (128, 64, 256)
-    cfg, _ = train.parse_args(["--device", "cuda", "--preset", "quick", "--image-size", "64"])
+    cfg, _, _ = train.parse_args(["--device", "cuda", "--preset", "quick", "--image-size", "64"])
     assert cfg.image_size == 64
 
 
-def test_reconstruction_only_evaluates_the_vqvae_without_a_prior(pipeline_run):
+def test_reconstruction_only_evaluates_the_vqvae_without_a_prior(pipeline_run, monkeypatch):
     work, data = pipeline_run
-    previous = os.getcwd()
-    os.chdir(work)
-    try:
-        predict.main(["--data", str(data), "--reconstruction-only", "--prior", "missing.pt",
-                      "--out-dir", "recon_only"])
-    finally:
-        os.chdir(previous)
+    monkeypatch.chdir(work)
+    predict.main(["--data", str(data), "--reconstruction-only", "--prior", "missing.pt",
+                  "--out-dir", "recon_only"])
     metrics = json.loads((work / "recon_only" / "metrics.json").read_text())
     full = json.loads((work / "out" / "metrics.json").read_text())
     assert metrics["test_ssim_mean"] == pytest.approx(full["test_ssim_mean"])
@@ -154,11 +152,8 @@ def test_reconstruction_only_evaluates_the_vqvae_without_a_prior(pipeline_run):
 
 
 def test_without_a_preset_a_gpu_prior_sees_the_paper_grid_and_a_cpu_prior_is_quick_and_budgeted():
-    from modules import PixelCNNConfig, rows_seen_above
-
     def parse(*argv):
-        return parse_configs("", [pixelcnn.PriorTrainConfig, PixelCNNConfig], list(argv), pixelcnn.PRESETS,
-                             pixelcnn.default_preset)
+        return pixelcnn.parse_args(list(argv))[:2]
     cfg, model_cfg = parse("--device", "cuda")  # parsing only: nothing touches a GPU
     assert cfg.minutes == 0 and rows_seen_above(model_cfg) >= 64 - 1  # the paper VQ-VAE's 64x64 grid
     cfg, model_cfg = parse("--device", "cpu")
@@ -175,18 +170,16 @@ def test_without_a_preset_a_gpu_prior_sees_the_paper_grid_and_a_cpu_prior_is_qui
                                                      ("cuda", True, "bfloat16"), ("cuda", False, "float32")])
 def test_dtype_auto_picks_bf16_only_where_the_device_has_fast_kernels_and_says_so(monkeypatch, device, fast,
                                                                                   expected):
-    import utils
-    monkeypatch.setattr(utils, "cpu_has_bfloat16_kernels", lambda: fast)
+    monkeypatch.setattr(hardware, "cpu_has_bfloat16_kernels", lambda: fast)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: fast)
     said = []
-    assert utils.resolve_dtype("auto", torch.device(device), said.append) == expected
+    assert hardware.resolve_dtype("auto", torch.device(device), said.append) == expected
     assert len(said) == 1 and expected in said[0]
-    assert utils.resolve_dtype("float32", torch.device(device), said.append) == "float32" and len(said) == 1
+    assert hardware.resolve_dtype("float32", torch.device(device), said.append) == "float32" and len(said) == 1
 
 
 @pytest.mark.parametrize("flags", [{"top_p": 0.0}, {"top_p": 1.5}, {"temperature": 0.0}])
 def test_sampling_settings_refuse_a_top_p_outside_0_1_or_a_temperature_of_zero(flags):
-    from dataset import DataError
-    with pytest.raises(DataError, match="--top-p"):
+    with pytest.raises(FlagError, match="--top-p"):
         predict.sampling_settings(predict.PredictConfig(**flags))
     assert predict.sampling_settings(predict.PredictConfig(top_p=0.9)) == {"temperature": 1.0, "top_p": 0.9}

@@ -1,14 +1,22 @@
-"""The realism metrics (realism.py) that predict.py --realism reports: a C2ST that cannot be fooled by near-copy slices, its
-controls, nearest-neighbour SSIM and distribution distances, on small synthetic sets."""
+"""The realism metrics (realism.py) that predict.py --realism reports: a C2ST (c2st.py) that cannot be fooled by
+near-copy slices, its controls, nearest-neighbour SSIM and distribution distances, on small synthetic sets."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 
+import c2st
+import pixelcnn
 import predict
 import realism
-import utils
+from checkpoint import RunState, checkpoint_payload, save_checkpoint
+from errors import DataError
+from metrics import ssim_matrix
+from prior import PixelCNNConfig, build_prior
+from training import WarmupCosine
 
 # Enough for the classifier to see a blur or to recognise subjects, in seconds on a CPU.
 TINY_BUDGET = {"n_folds": 4, "epochs": 10, "lr": 1e-3, "batch_size": 16}
@@ -39,7 +47,7 @@ def subjects():
 
 
 class FoldSpy:
-    """Stands in for realism.train_and_score and records what each fold trains and scores on."""
+    """Stands in for c2st.train_and_score and records what each fold trains and scores on."""
 
     def __init__(self, accuracy=0.5):
         self.accuracy, self.folds = accuracy, []
@@ -75,22 +83,22 @@ def assert_no_subject_on_both_sides(spy, owner_of, n_items):
 def test_group_k_fold_keeps_every_subject_in_one_fold_and_folds_near_equal():
     rng = np.random.default_rng(3)
     case_ids = np.repeat([f"{i:03d}" for i in range(23)], rng.integers(4, 12, size=23))
-    folds = realism.group_k_fold(case_ids, 5, seed=7)
+    folds = c2st.group_k_fold(case_ids, 5, seed=7)
     for case in np.unique(case_ids):
         assert len(np.unique(folds[case_ids == case])) == 1
     sizes = np.bincount(folds, minlength=5)
     assert sizes.max() - sizes.min() <= 11  # at most one subject's worth apart
-    assert not np.array_equal(folds, realism.group_k_fold(case_ids, 5, seed=8))
+    assert not np.array_equal(folds, c2st.group_k_fold(case_ids, 5, seed=8))
 
 
 def test_c2st_splitter_never_puts_a_case_id_on_both_sides_of_a_fold():
     rng = np.random.default_rng(0)
     case_ids = np.repeat([f"{i:03d}" for i in range(17)], rng.integers(3, 33, size=17))
     for seed in range(5):
-        folds_real, folds_generated = realism.two_sample_folds(case_ids, 90, 5, seed)
+        folds_real, folds_generated = c2st.two_sample_folds(case_ids, 90, 5, seed)
         folds = np.concatenate([folds_real, folds_generated])
         labels = np.r_[np.zeros(len(case_ids)), np.ones(90)]
-        splits = realism.fold_splits(folds)
+        splits = c2st.fold_splits(folds)
         assert len(splits) == 5
         for train, test in splits:
             real_train = set(case_ids[train[train < len(case_ids)]])
@@ -106,8 +114,8 @@ def test_c2st_trains_and_scores_each_fold_on_disjoint_subjects(subjects, monkeyp
     images, case_ids = subjects
     generated = torch.rand(100, 1, 64, 64)
     spy = FoldSpy()
-    monkeypatch.setattr(realism, "train_and_score", spy)
-    result = realism.classifier_two_sample_test(generated, images, None, case_ids, **TINY_BUDGET)
+    monkeypatch.setattr(c2st, "train_and_score", spy)
+    result = c2st.classifier_two_sample_test(generated, images, None, case_ids, **TINY_BUDGET)
     owner_of = owner_lookup((generated, [f"generated{i}" for i in range(100)]), (images, case_ids))
     assert len(spy.folds) == TINY_BUDGET["n_folds"]
     assert_no_subject_on_both_sides(spy, owner_of, n_items=200)
@@ -119,8 +127,8 @@ def test_c2st_trains_and_scores_each_fold_on_disjoint_subjects(subjects, monkeyp
 def test_real_vs_real_control_splits_subjects_into_halves_and_folds_by_subject(subjects, monkeypatch):
     images, case_ids = subjects
     spy = FoldSpy()
-    monkeypatch.setattr(realism, "train_and_score", spy)
-    realism.real_vs_real_control(images, case_ids, 96, **TINY_BUDGET)
+    monkeypatch.setattr(c2st, "train_and_score", spy)
+    c2st.real_vs_real_control(images, case_ids, 96, **TINY_BUDGET)
     owner_of = owner_lookup((images, case_ids))
     assert_no_subject_on_both_sides(spy, owner_of, n_items=192)
     halves = {0.0: set(), 1.0: set()}
@@ -134,10 +142,10 @@ def test_real_vs_real_control_splits_subjects_into_halves_and_folds_by_subject(s
 def test_blurred_control_keeps_a_slice_and_its_blurred_copy_in_one_fold(subjects, monkeypatch):
     images, case_ids = subjects
     spy = FoldSpy()
-    monkeypatch.setattr(realism, "train_and_score", spy)
-    sigma = realism.blur_sigma(64)
-    realism.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=sigma, **TINY_BUDGET)
-    owner_of = owner_lookup((images, case_ids), (realism.gaussian_blur(images, sigma), case_ids))
+    monkeypatch.setattr(c2st, "train_and_score", spy)
+    sigma = c2st.blur_sigma(64)
+    c2st.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=sigma, **TINY_BUDGET)
+    owner_of = owner_lookup((images, case_ids), (c2st.gaussian_blur(images, sigma), case_ids))
     assert_no_subject_on_both_sides(spy, owner_of, n_items=2 * len(images))
 
 
@@ -145,8 +153,8 @@ def test_blurred_control_keeps_a_slice_and_its_blurred_copy_in_one_fold(subjects
 
 def test_real_vs_real_control_scores_near_chance(subjects):
     images, case_ids = subjects
-    result = realism.real_vs_real_control(images, case_ids, 10 ** 6, **TINY_BUDGET)
-    low, high = realism.REAL_VS_REAL_RANGE
+    result = c2st.real_vs_real_control(images, case_ids, 10 ** 6, **TINY_BUDGET)
+    low, high = c2st.REAL_VS_REAL_RANGE
     assert low <= result["accuracy"] <= high, result["fold_accuracies"]
 
 
@@ -154,16 +162,16 @@ def test_the_same_halves_split_by_slice_instead_of_subject_are_told_apart(subjec
     """Why folds are grouped: scored on subjects it trained on, the classifier recognises them."""
     images, case_ids = subjects
     first_half = np.isin(case_ids, np.unique(case_ids)[::2])
-    result = realism.classifier_two_sample_test(images[first_half], images[~first_half], None, None,
+    result = c2st.classifier_two_sample_test(images[first_half], images[~first_half], None, None,
                                                 **TINY_BUDGET)
     assert result["accuracy"] > 0.8
 
 
 def test_blurred_vs_real_control_scores_near_one(subjects):
     images, case_ids = subjects
-    result = realism.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=realism.blur_sigma(64),
+    result = c2st.blurred_vs_real_control(images, case_ids, 10 ** 6, sigma=c2st.blur_sigma(64),
                                              **TINY_BUDGET)
-    assert result["accuracy"] >= realism.BLURRED_MIN_ACCURACY, result["fold_accuracies"]
+    assert result["accuracy"] >= c2st.BLURRED_MIN_ACCURACY, result["fold_accuracies"]
     assert result["blur_sigma_px"] == 0.5
 
 
@@ -173,26 +181,26 @@ def test_c2st_is_deterministic_and_leaves_the_global_random_state_alone():
     budget = {**TINY_BUDGET, "epochs": 2}
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = realism.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
+    first = c2st.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
     assert torch.equal(torch.get_rng_state(), state)
-    second = realism.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
+    second = c2st.classifier_two_sample_test(generated, images, None, case_ids, seed=5, **budget)
     assert first["fold_accuracies"] == second["fold_accuracies"]
     assert first["budget"] == {"epochs": 2, "lr": 1e-3, "batch_size": 16, "optimizer": "Adam"}
 
 
 def test_controls_pass_only_when_both_controls_do():
-    low, high = realism.REAL_VS_REAL_RANGE
-    good_blur = realism.BLURRED_MIN_ACCURACY
-    assert realism.controls_pass(0.5, good_blur)
-    assert realism.controls_pass(low, 1.0) and realism.controls_pass(high, 1.0)
-    assert not realism.controls_pass(high + 0.01, 1.0)
-    assert not realism.controls_pass(low - 0.01, 1.0)
-    assert not realism.controls_pass(0.5, good_blur - 0.01)
+    low, high = c2st.REAL_VS_REAL_RANGE
+    good_blur = c2st.BLURRED_MIN_ACCURACY
+    assert c2st.controls_pass(0.5, good_blur)
+    assert c2st.controls_pass(low, 1.0) and c2st.controls_pass(high, 1.0)
+    assert not c2st.controls_pass(high + 0.01, 1.0)
+    assert not c2st.controls_pass(low - 0.01, 1.0)
+    assert not c2st.controls_pass(0.5, good_blur - 0.01)
 
 
 def test_report_calls_the_c2st_invalid_when_a_control_fails(subjects, monkeypatch):
     images, case_ids = subjects
-    monkeypatch.setattr(realism, "train_and_score", FoldSpy(accuracy=0.5))  # a judge that sees nothing
+    monkeypatch.setattr(c2st, "train_and_score", FoldSpy(accuracy=0.5))  # a judge that sees nothing
     report = realism.realism_report(images[:40], images, images, case_ids, images[:16], images[:16],
                                     **TINY_BUDGET, nn_train=20)
     assert report["c2st"]["accuracy"] == 0.5  # looks indistinguishable ...
@@ -210,7 +218,7 @@ def test_report_calls_the_c2st_invalid_when_a_control_fails(subjects, monkeypatc
 def test_report_refuses_too_few_subjects_for_its_folds(subjects):
     images, case_ids = subjects
     few = np.isin(case_ids, np.unique(case_ids)[:9])
-    with pytest.raises(predict.DataError, match="at least 10 training subjects"):
+    with pytest.raises(DataError, match="at least 10 training subjects"):
         realism.realism_report(images[:8], images[few], images[few], case_ids[few], images[:4], images[:4],
                                n_folds=5)
 
@@ -221,7 +229,7 @@ def test_ssim_matrix_is_skimage_structural_similarity():
     images, _ = blob_subjects(n_subjects=3, n_slices=2, size=24, seed=2)
     noise = torch.rand(2, 1, 24, 24)
     queries, references = torch.cat([images[:3], noise[:1]]), torch.cat([images[2:], noise[1:]])
-    matrix = utils.ssim_matrix(queries, references, chunk=3)
+    matrix = ssim_matrix(queries, references, chunk=3)
     expected = [[structural_similarity(q[0].double().numpy(), r[0].double().numpy(), data_range=1.0)
                  for r in references] for q in queries]
     np.testing.assert_allclose(matrix, expected, rtol=0, atol=1e-10)
@@ -287,7 +295,8 @@ def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(
     def spy(*args, input_size, **kwargs):
         seen_sizes.append(input_size)
         return {"accuracy": 0.5, "fold_accuracies": [0.5], "n_per_class": 40}
-    monkeypatch.setattr(realism, "classifier_two_sample_test", spy)
+    monkeypatch.setattr(realism, "classifier_two_sample_test", spy)  # the test itself
+    monkeypatch.setattr(c2st, "classifier_two_sample_test", spy)  # what the controls run
     images, case_ids = blob_subjects(n_subjects=12, n_slices=4, size=128)
     report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8], **TINY_BUDGET)
     assert report["c2st"]["input_size"] == 128 and report["c2st_64"]["input_size"] == 64
@@ -298,25 +307,19 @@ def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(
     assert set(report["shape"]) >= {"samples", "test_real", "test_reconstructions"}
 
 
-def write_realism_run(out_dir, prior_path, data, c2st, seconds, hidden):
+def write_realism_run(out_dir, prior_path, data, accuracy, seconds, hidden):
     """A predict.py --realism output folder and the prior checkpoint it names."""
-    import json
-
-    import pixelcnn
-    import training
-    from modules import PixelCNNConfig, build_prior
     model_cfg = PixelCNNConfig(num_codes=8, hidden=hidden, n_layers=2, kernel=3, grid_size=4)
     model = build_prior(model_cfg)
     optimizer = torch.optim.Adam(model.parameters())
-    state = training.RunState(step=40, best=2.5, history=[{"epoch": 1, "seconds": seconds}])
-    training.save_checkpoint(prior_path, training.checkpoint_payload(
-        "pixelcnn", model, model_cfg, pixelcnn.PriorTrainConfig(), optimizer,
-        training.WarmupCosine(optimizer, 2, 40), state))
-    verdict = {"accuracy": c2st, "input_size": 128, "valid": True}
+    state = RunState(step=40, best=2.5, history=[{"epoch": 1, "seconds": seconds}])
+    save_checkpoint(prior_path, checkpoint_payload("pixelcnn", model, model_cfg, pixelcnn.PriorTrainConfig(),
+                                                   optimizer, WarmupCosine(optimizer, 2, 40), state))
+    verdict = {"accuracy": accuracy, "input_size": 128, "valid": True}
     out_dir.mkdir(parents=True)
     (out_dir / "metrics.json").write_text(json.dumps({
         "data_root": data, "prior": str(prior_path),
-        "realism": {"c2st": verdict, "c2st_64": {**verdict, "accuracy": c2st - 0.1}, "c2st_valid": True}}))
+        "realism": {"c2st": verdict, "c2st_64": {**verdict, "accuracy": accuracy - 0.1}, "c2st_valid": True}}))
 
 
 def test_realism_against_minutes_reads_each_runs_prior_and_plots_them(tmp_path, capsys):

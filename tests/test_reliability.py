@@ -1,6 +1,6 @@
 """Interruptions, resume, non-finite losses and checkpoint loading."""
-import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +16,7 @@ from checkpoint import load_checkpoint, load_vqvae
 from cli import parse_configs
 from dataset import load_split_tensor
 from errors import CheckpointError, NonFiniteLoss
-from prior import PixelCNNConfig
 from vqvae import VQVAEConfig, encode_all
-from conftest import TINY_PRIOR_BATCH_2, TINY_VQVAE_BATCH_2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,13 +39,19 @@ class StopAfter:
         return "TEST" if self.reads >= self.steps else None
 
 
-def vqvae_configs(tmp_path, data, *extra):
-    return parse_configs("", [train.TrainConfig, VQVAEConfig],
-                         ["--data", str(data), "--checkpoint-dir", str(tmp_path / "ck"),
-                          "--progress-dir", str(tmp_path / "progress"), *TINY_VQVAE_BATCH_2, *extra])
+@pytest.fixture(scope="module")
+def vqvae_configs(tiny_flags):
+    """vqvae_configs(folder, data, *flags) -> (TrainConfig, VQVAEConfig) of a tiny VQ-VAE at batch 2
+    that keeps its checkpoints in folder/ck."""
+    def configs(folder, data, *extra):
+        return parse_configs("", [train.TrainConfig, VQVAEConfig],
+                             ["--data", str(data), "--checkpoint-dir", str(folder / "ck"),
+                              "--progress-dir", str(folder / "progress"), *tiny_flags.vqvae_batch_2, *extra])
+    return configs
 
 
-def test_vqvae_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_demo):
+def test_vqvae_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_demo, vqvae_configs, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the split cache goes here
     straight_cfg, model_cfg = vqvae_configs(tmp_path / "straight", tiny_demo, "--epochs", "2")
     train.train(straight_cfg, model_cfg, progress=False)
     straight = torch.load(tmp_path / "straight" / "ck" / "vqvae_last.pt", weights_only=True)
@@ -71,21 +75,11 @@ def test_vqvae_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_de
         assert torch.equal(v["exp_avg"], resumed["optimizer"]["state"][k]["exp_avg"])
 
 
-def train_tiny_vqvae(tmp_path, data):
-    cfg, model_cfg = vqvae_configs(tmp_path, data, "--epochs", "1")
-    train.train(cfg, model_cfg, progress=False)
-    return tmp_path / "ck" / "vqvae_best.pt"
-
-
-def prior_configs(tmp_path, data, vqvae, *extra):
-    return parse_configs("", [pixelcnn.PriorTrainConfig, PixelCNNConfig],
-                         ["--data", str(data), "--vqvae", str(vqvae),
-                          "--checkpoint-dir", str(tmp_path / "prior"), *TINY_PRIOR_BATCH_2, *extra])
-
-
 @pytest.mark.parametrize("augment", [[], ["--vflip"]], ids=["plain", "vflip"])
-def test_prior_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_demo, augment):
-    vqvae = train_tiny_vqvae(tmp_path, tiny_demo)
+def test_prior_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_demo, tiny_models, prior_configs,
+                                                               monkeypatch, augment):
+    monkeypatch.chdir(tmp_path)  # the split cache goes here
+    vqvae = tiny_models.vqvae
     cfg, model_cfg = prior_configs(tmp_path / "straight", tiny_demo, vqvae, "--epochs", "2", *augment)
     pixelcnn.train_prior(cfg, model_cfg, progress=False)
     straight = torch.load(tmp_path / "straight" / "prior" / "pixelcnn_last.pt", weights_only=True)
@@ -100,22 +94,22 @@ def test_prior_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_de
         assert torch.equal(tensor, resumed["model"][name]), name
 
 
-def test_vflip_trains_the_prior_on_codes_of_flipped_slices_for_part_of_each_batch(tmp_path, tiny_demo,
-                                                                                    monkeypatch):
+def test_vflip_trains_the_prior_on_codes_of_flipped_slices_for_part_of_each_batch(tmp_path, tiny_demo, tiny_models,
+                                                                                    prior_configs, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the split cache goes here
-    vqvae_path, cpu = train_tiny_vqvae(tmp_path, tiny_demo), torch.device("cpu")
+    vqvae_path, cpu = tiny_models.vqvae, torch.device("cpu")
     vqvae, _ = load_vqvae(vqvae_path, cpu)
     images = load_split_tensor(tiny_demo, "train", 32, cpu, progress=False)[0]
     codes, _, flipped = pixelcnn.encode_split(vqvae, tiny_demo, "train", 32, cpu, progress=False, flipped=True)
     assert torch.equal(flipped, encode_all(vqvae, images.flip(2)))
     assert not torch.equal(flipped, codes)
 
-    batches, make_step = [], pixelcnn.make_train_step
+    batches, real_step = [], pixelcnn.train_step
 
-    def recording_step(*args):
-        step = make_step(*args)
-        return lambda batch, cond: (batches.append(batch.clone()), step(batch, cond))[1]
-    monkeypatch.setattr(pixelcnn, "make_train_step", recording_step)
+    def recording_step(model, forward, optimizer, scheduler, batch, cond, dtype):
+        batches.append(batch.clone())
+        return real_step(model, forward, optimizer, scheduler, batch, cond, dtype)
+    monkeypatch.setattr(pixelcnn, "train_step", recording_step)
     cfg, model_cfg = prior_configs(tmp_path, tiny_demo, vqvae_path, "--epochs", "3", "--vflip")
     pixelcnn.train_prior(cfg, model_cfg, progress=False)
 
@@ -128,9 +122,9 @@ def test_vflip_trains_the_prior_on_codes_of_flipped_slices_for_part_of_each_batc
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_saves_the_run_and_says_how_to_resume(tmp_path, tiny_demo, sig):
+def test_a_signal_saves_the_run_and_says_how_to_resume(tmp_path, tiny_demo, tiny_flags, sig):
     command = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny_demo), "--epochs", "1000",
-               "--log-every", "1", *TINY_VQVAE_BATCH_2]
+               "--log-every", "1", *tiny_flags.vqvae_batch_2]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -152,7 +146,9 @@ def test_a_signal_saves_the_run_and_says_how_to_resume(tmp_path, tiny_demo, sig)
     assert f"resumed from checkpoints/vqvae_last.pt at step {ckpt['run']['step']}" in resumed.stdout
 
 
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_demo, monkeypatch):
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_demo, vqvae_configs,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the split cache goes here
     cfg, model_cfg = vqvae_configs(tmp_path, tiny_demo, "--epochs", "1")
     train.train(cfg, model_cfg, progress=False)
     last = tmp_path / "ck" / "vqvae_last.pt"
@@ -173,8 +169,10 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     assert last.read_bytes() == good
 
 
-def test_resuming_with_other_model_settings_names_them(tmp_path, tiny_demo):
-    train_tiny_vqvae(tmp_path, tiny_demo)
+def test_resuming_with_other_model_settings_names_them(tmp_path, tiny_demo, tiny_models, vqvae_configs, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the split cache goes here
+    (tmp_path / "ck").mkdir()  # a copy: the session's models stay as they are
+    shutil.copy(tiny_models.vqvae.with_name("vqvae_last.pt"), tmp_path / "ck" / "vqvae_last.pt")
     cfg, model_cfg = vqvae_configs(tmp_path, tiny_demo, "--epochs", "2", "--resume", "--num-codes", "32")
     with pytest.raises(CheckpointError, match="num_codes: 16 there, 32 here"):
         train.train(cfg, model_cfg, progress=False)

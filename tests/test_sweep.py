@@ -10,8 +10,9 @@ import sweep
 import train
 from errors import NonFiniteLoss
 
+# float32 on every CPU (--dtype auto would pick bf16 where the CPU has its kernels)
 TINY_COMMON = ("--image-size 32 --hidden 16 --res-hidden 8 --num-codes 16 --code-dim 8 "
-               "--batch-size 8 --epochs 1 --log-every 2")
+               "--batch-size 8 --epochs 1 --log-every 2 --dtype float32")
 RUNS = ["", "--recon-loss mse"]
 
 
@@ -31,7 +32,7 @@ def history(*val_ssims, test_ssim=None):
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory, tiny_demo):
     """One real sweep of two runs in a scratch working directory, recording every split it reads."""
-    work, previous = tmp_path_factory.mktemp("sweep"), os.getcwd()
+    work = tmp_path_factory.mktemp("sweep")
     splits_read = []
 
     def recording(real):
@@ -40,15 +41,12 @@ def finished_sweep(tmp_path_factory, tiny_demo):
             return real(root, split, *args, **kwargs)
         return load
 
-    os.chdir(work)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train, "load_split_tensor", recording(train.load_split_tensor))
-            patch.setattr(dataset, "load_split", recording(dataset.load_split))
-            sweep.main(sweep_argv(tiny_demo))
-        yield work, tiny_demo, splits_read
-    finally:
-        os.chdir(previous)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.setattr(train, "load_split_tensor", recording(train.load_split_tensor))
+        patch.setattr(dataset, "load_split", recording(dataset.load_split))
+        sweep.main(sweep_argv(tiny_demo))
+    return work, tiny_demo, splits_read
 
 
 def test_ranking_follows_the_best_validation_epoch_not_the_last_nor_any_test_score():

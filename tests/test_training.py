@@ -1,5 +1,5 @@
-"""training.py: the checkpoint (atomic, weights only, tagged with its kind, refused when it
-does not fit), the learning-rate schedule, and the time budget."""
+"""checkpoint.py and training.py: the checkpoint (atomic, weights only, tagged with its kind, refused
+when it does not fit), the learning-rate schedule, and the time budget."""
 import dataclasses
 import os
 
@@ -12,7 +12,6 @@ from checkpoint import load_checkpoint, load_prior, save_checkpoint
 from errors import CheckpointError
 from prior import PixelCNNConfig, build_prior
 from training import WarmupCosine
-from test_reliability import prior_configs, train_tiny_vqvae
 
 
 def test_a_file_that_is_not_our_checkpoint_is_refused_with_a_message(tmp_path):
@@ -77,7 +76,7 @@ def test_warmup_cosine_rises_linearly_then_decays_to_zero_where_the_run_ends():
         schedule.step()
         lrs.append(optimizer.param_groups[0]["lr"])
         if step == 6:
-            schedule.total_steps = 10  # a time budget cut the run short
+            schedule.end_at(10)  # a time budget cut the run short
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # 4 steps: a fifth of 20
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[10] == pytest.approx(0.0, abs=1e-12)
 
@@ -109,8 +108,9 @@ class TickingClock:
 
 
 def test_a_time_budget_ends_the_run_early_with_the_lr_decayed_and_keeps_the_best_checkpoint(
-        tmp_path, tiny_demo, monkeypatch):
-    vqvae = train_tiny_vqvae(tmp_path, tiny_demo)
+        tmp_path, tiny_demo, tiny_models, prior_configs, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the split cache goes here
+    vqvae = tiny_models.vqvae
     monkeypatch.setattr(training.TimeBudget, "clock", staticmethod(TickingClock()))
     # 8 training grids, batch 2: 4 steps an epoch, 80 planned; a step reads the clock once, so
     # the budget of 60 ticking seconds fits about 50 of them
@@ -126,8 +126,10 @@ def test_a_time_budget_ends_the_run_early_with_the_lr_decayed_and_keeps_the_best
     assert best["run"]["step"] == min(history, key=lambda r: r["val_nll_bits"])["step"]
 
 
-def test_a_budget_spent_before_its_estimate_stops_at_the_next_step(tmp_path, tiny_demo, monkeypatch):
-    vqvae = train_tiny_vqvae(tmp_path, tiny_demo)
+def test_a_budget_spent_before_its_estimate_stops_at_the_next_step(tmp_path, tiny_demo, tiny_models, prior_configs,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the split cache goes here
+    vqvae = tiny_models.vqvae
     monkeypatch.setattr(training.TimeBudget, "clock", staticmethod(TickingClock()))
     cfg, model_cfg = prior_configs(tmp_path, tiny_demo, vqvae, "--epochs", "20", "--minutes", "0.25")
     history = pixelcnn.train_prior(cfg, model_cfg, progress=False)
