@@ -25,7 +25,6 @@ choices were made on, the thresholds chosen and the time the test maps took) and
 out/anomaly.png (rows: test slices; columns: the slice, its lesion mask, the reconstruction
 error, the code NLL, the healed slice, the anomaly map).
 """
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -39,11 +38,11 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
 from brain import brain_region
-from checkpoint import TrainedModels, image_size_of, load_prior, load_vqvae
+from checkpoint import TrainedModels, image_size_of, load_trained_pair
 from cli import opt, parse_configs, run_script
 from dataset import load_split_tensor, resolve_data_root
 from errors import FlagError
-from files import progress_indices
+from files import progress_indices, save_figure, write_json
 from hardware import pick_device, set_seed
 from lesions import CONTRAST_BINS, FROM_10PX, SIZE_BINS, LesionSet, detection_figures, make_lesion_set
 from metrics import average_precision, best_dice
@@ -308,7 +307,7 @@ def example_rows(lesions: LesionSet, count=5):
     return rows + [int(untouched[len(untouched) // 2])] if len(untouched) else rows
 
 
-def save_figure(bench: Benchmark, maps: Maps, path):
+def save_examples(bench: Benchmark, maps: Maps, path):
     lesions, rows = bench.lesions, example_rows(bench.lesions)
     columns = [("slice", lesions.images, "gray", 1.0), ("lesion mask", lesions.masks, "gray", 1.0),
                ("reconstruction error", maps.reconstruction, "magma", None),
@@ -326,7 +325,7 @@ def save_figure(bench: Benchmark, maps: Maps, path):
                  if lesions.lesioned[i] else "untouched")
         axes[r, 0].text(2, 2, label, color="yellow", fontsize=7, va="top")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -335,8 +334,7 @@ def save_figure(bench: Benchmark, maps: Maps, path):
 def run_anomaly(cfg: AnomalyConfig):
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
-    vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
-    prior, prior_ckpt = load_prior(cfg.prior, device)
+    vqvae, vq_ckpt, prior, prior_ckpt = load_trained_pair(cfg, device)
     image_size, n_conditions = image_size_of(vq_ckpt), prior_ckpt["model_config"]["n_conditions"]
     root = resolve_data_root(cfg.data)
 
@@ -361,7 +359,7 @@ def run_anomaly(cfg: AnomalyConfig):
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_figure(test, maps, out_dir / "anomaly.png")
+    save_examples(test, maps, out_dir / "anomaly.png")
     report = {"split": "test", "data_root": str(root), "image_size": image_size, "vqvae": cfg.vqvae,
               "prior": cfg.prior, "n_slices": len(test.slice_idx), "n_lesioned": int(test.lesions.lesioned.sum()),
               "heal_threshold": threshold, "threshold_search": {str(t): s for t, s in tried.items()},
@@ -369,7 +367,7 @@ def run_anomaly(cfg: AnomalyConfig):
               "test_maps_seconds": test_seconds, "validate_seconds": validate_seconds,
               "n_validate_slices": len(val.slice_idx), "config": asdict(cfg), "methods": results,
               "validate_methods": val_results}
-    (out_dir / "anomaly_metrics.json").write_text(json.dumps(without_nan(report), indent=2) + "\n")
+    write_json(out_dir / "anomaly_metrics.json", without_nan(report))
     print_table(results)
     print(f"{len(test.slice_idx)} test slices ({report['n_lesioned']} with a lesion) at {image_size}x{image_size}; "
           f"{maps.healed_share:.1%} of the brain's codes healed; maps in {test_seconds:.0f}s -> "

@@ -11,17 +11,26 @@ The checkpoint is one dict, built by `checkpoint_payload` and read back by
                   it); a VQ-VAE's train_config["image_size"] is the size its codes are for,
                   read with `image_size_of`
     ...           extras of the kind: a prior keeps grid (h, w), slice_counts (training
-                  slices per conditioned position) and baselines (uniform_bits,
-                  frequency_entropy_bits)
+                  slices per conditioned position), baselines (uniform_bits,
+                  frequency_entropy_bits), and the VQ-VAE it was fit to: vqvae_path and
+                  vqvae_fingerprint (`vqvae_fingerprint`: its codebook and decoder weights)
     optimizer     the optimizer's state_dict
     scheduler     the learning-rate scheduler's state_dict
     run           dataclasses.asdict(RunState): epoch, step, best, history, total_steps
     rng           rng_state(): the Python, NumPy, torch (and CUDA) generators
 
 Everything in it is a tensor or a plain value, so it loads with torch.load(weights_only=True).
+
+A run holds `run_lock` on its checkpoint folder for as long as it trains, so a second run of
+the same kind on the same folder is refused instead of overwriting the first one's files.
 """
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
+import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +38,7 @@ import torch
 
 from cli import opt
 from errors import CheckpointError
-from files import write_atomically
+from files import remove_leftover_temporaries, write_atomically
 from prior import PixelCNNConfig, build_prior
 from vqvae import VQVAE, VQVAEConfig
 
@@ -39,6 +48,8 @@ class TrainedModels:
     """The flags of a script that uses a trained VQ-VAE and its prior."""
     vqvae: str = opt("checkpoints/vqvae_best.pt", "VQ-VAE checkpoint from train.py")
     prior: str = opt("checkpoints/pixelcnn_best.pt", "PixelCNN checkpoint from pixelcnn.py")
+    allow_unpaired: bool = opt(False, "decode the prior's codes even with a VQ-VAE it was not fit to (its codes "
+                                      "then mean other pictures); without it such a pair is refused")
 
 
 def checkpoint_payload(kind, model, model_cfg, train_cfg, optimizer, scheduler, state, **extras):
@@ -114,9 +125,80 @@ def load_prior(path, device):
                       "python pixelcnn.py", device)
 
 
-def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler):
-    """Restore everything a run needs to continue exactly; returns its RunState."""
+def vqvae_fingerprint(vqvae_ckpt):
+    """A digest of what turns a prior's codes into pictures: the VQ-VAE's codebook and decoder
+    weights. Two VQ-VAEs with the same fingerprint decode every code grid alike."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vqvae_ckpt["model"].items()):
+        if name == "quantizer.codebook" or name.startswith("decoder."):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_pairing(prior_ckpt, prior_path, vqvae_ckpt, vqvae_path, allow_unpaired=False):
+    """Refuse a prior with a VQ-VAE it was not fit to: its codes would decode to other pictures,
+    with every shape matching. allow_unpaired turns the refusal into a warning."""
+    recorded = prior_ckpt.get("vqvae_fingerprint")
+    if recorded == vqvae_fingerprint(vqvae_ckpt):
+        return
+    fitted = (f"was fit to another VQ-VAE ({prior_ckpt.get('vqvae_path')} as it was then)" if recorded
+              else "records no VQ-VAE it was fit to (an older checkpoint)")
+    if allow_unpaired:
+        print(f"warning: {prior_path} {fitted}; decoding with {vqvae_path} anyway (--allow-unpaired)",
+              file=sys.stderr)
+        return
+    raise CheckpointError(f"{prior_path} {fitted}, not to {vqvae_path}; fit a prior to it with "
+                          f"`python pixelcnn.py --vqvae {vqvae_path} --data ...`, or pass --allow-unpaired")
+
+
+def load_trained_pair(models: TrainedModels, device):
+    """The VQ-VAE and the prior that --vqvae and --prior name, checked to belong together:
+    (vqvae, its checkpoint, prior, its checkpoint)."""
+    vqvae, vqvae_ckpt = load_vqvae(models.vqvae, device)
+    prior, prior_ckpt = load_prior(models.prior, device)
+    check_pairing(prior_ckpt, models.prior, vqvae_ckpt, models.vqvae, models.allow_unpaired)
+    return vqvae, vqvae_ckpt, prior, prior_ckpt
+
+
+@contextlib.contextmanager
+def run_lock(folder, kind, hold=True):
+    """Hold folder/<kind>.lock while a run trains (hold=False: a no-op, for the processes of a
+    torchrun other than the first). A second run of the kind on the folder gets a one-line
+    error. The kernel releases the lock when its process ends, however it ends, so a killed
+    run never blocks the next; that run also clears the killed one's half-written files."""
+    if not hold:
+        yield
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"{kind}.lock", "a+")
+    except OSError as err:
+        raise CheckpointError(f"{folder}: cannot hold a checkpoint folder here ({err.strerror})") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise CheckpointError(f"{folder} is in use by a {kind} run that is still training ({holder}); "
+                                  f"wait for it, or give this run its own --checkpoint-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        for name in (f"{kind}_last.pt", f"{kind}_best.pt"):
+            remove_leftover_temporaries(folder, name)
+        yield
+
+
+def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler, check=None):
+    """Restore everything a run needs to continue exactly; returns its RunState. check(ckpt),
+    when given, may refuse the checkpoint before anything is restored."""
     ckpt = load_checkpoint(path, kind, made_by=made_by)
+    if check is not None:
+        check(ckpt)
     check_same_config(path, ckpt["model_config"], model_cfg)
     load_weights(model, ckpt, path)
     optimizer.load_state_dict(ckpt["optimizer"])

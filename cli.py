@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from errors import CheckpointError, DataError, FlagError, NonFiniteLoss
+from errors import CheckpointError, DataError, FlagError, NonFiniteLoss, OutputError
 
 
 def opt(default, help, **extra):
@@ -91,7 +91,7 @@ def run_script(work, batch_size=None):
         return work()
     except FlagError as err:
         die(f"{err} (see --help)")
-    except (DataError, CheckpointError, NonFiniteLoss) as err:
+    except (DataError, CheckpointError, NonFiniteLoss, OutputError) as err:
         die(err)
     except torch.OutOfMemoryError:
         hint = f" (now {batch_size})" if batch_size else ""

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from brain import fine_scale_noise, head_rim_profile, outline_roughness, scalp_and_skull_depth, slice_statistics
 from cli import OneLineErrorParser
 from demo import demo_is_complete, make_demo
-from errors import DataError, one_line
+from errors import DataError, OutputError, one_line
 from files import write_atomically
 from slices import (FOREGROUND_THRESHOLD, NATIVE_SIZE, SPLITS, SliceSet, check_image_size, list_split_files,
                     parse_slice_name, read_slice)
@@ -126,7 +126,7 @@ def load_split(
     try:
         _write_cache_atomically(cache_file, slices)
         _remove_stale_caches(cache_dir, prefix, keep=cache_file)
-    except OSError as error:  # a read-only checkout can still train, just slower to start
+    except (OutputError, OSError) as error:  # a read-only checkout can still train, just slower to start
         print(f"warning: could not write cache {cache_file}: {one_line(error)}", file=sys.stderr)
     return slices
 

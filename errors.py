@@ -16,6 +16,11 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; nothing was saved from that point on."""
 
 
+class OutputError(Exception):
+    """A file that could not be written (a full disk, no permission); the file it was to replace
+    is left as it was."""
+
+
 class FlagError(Exception):
     """A flag given a value the script cannot use; the message names the flag."""
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from bench import BenchmarkConfig, report, time_steps, train_or_benchmark
 from bench import prepare as prepare_benchmark
-from checkpoint import RunState, checkpoint_payload, image_size_of, load_vqvae, resume_run, save_checkpoint
+from checkpoint import (RunState, check_pairing, checkpoint_payload, image_size_of, load_vqvae, resume_run, run_lock,
+                        save_checkpoint, vqvae_fingerprint)
 from cli import opt, parse_configs
 from dataset import load_split_tensor, resolve_data_root
 from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, synchronize,
@@ -57,6 +58,8 @@ class PriorTrainConfig:
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where pixelcnn_last.pt and pixelcnn_best.pt go")
+    allow_unpaired: bool = opt(False, "with --resume: continue a prior that was fit to another VQ-VAE than "
+                                      "--vqvae; without it that is refused")
     log_every: int = opt(50, "steps between loss log lines", minimum=1)
     checkpoint_every: int = opt(0, "also write pixelcnn_last.pt every this many steps; 0 = once per epoch")
     resume: bool = opt(False, "continue exactly from checkpoint_dir/pixelcnn_last.pt")
@@ -145,7 +148,7 @@ def train_step(model, forward, optimizer, scheduler, codes, cond, dtype):
 def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True, stop=None):
     """Train the prior and return its history; raises as train.train does.
     Started by torchrun, every process trains on its share of each batch."""
-    with process_group(cfg.device) as (ranks, device):
+    with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, "pixelcnn", ranks.main):
         progress = progress and ranks.main
         set_seed(cfg.seed)
         say = print_on_main(ranks)
@@ -181,12 +184,17 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
         best_path = Path(cfg.checkpoint_dir) / "pixelcnn_best.pt"
         state = RunState(best=math.inf)
         if cfg.resume:
-            state = resume_run(last_path, "pixelcnn", "python pixelcnn.py", model, model_cfg, optimizer, scheduler)
+            def paired(ckpt):
+                check_pairing(ckpt, last_path, vq_ckpt, cfg.vqvae, cfg.allow_unpaired)
+            state = resume_run(last_path, "pixelcnn", "python pixelcnn.py", model, model_cfg, optimizer, scheduler,
+                               check=paired)
         slice_counts = torch.bincount(train_slices.cpu(), minlength=max(model_cfg.n_conditions, 1))
+        fitted_to = vqvae_fingerprint(vq_ckpt)
 
         def save(path):
             save_checkpoint(path, checkpoint_payload("pixelcnn", model, model_cfg, cfg, optimizer, scheduler, state,
-                                                     grid=grid, slice_counts=slice_counts, baselines=baselines))
+                                                     grid=grid, slice_counts=slice_counts, baselines=baselines,
+                                                     vqvae_path=str(cfg.vqvae), vqvae_fingerprint=fitted_to))
 
         budget = TimeBudget(cfg.minutes) if cfg.minutes > 0 else None
         started = time.time()

@@ -18,7 +18,6 @@ reported beside two controls that show the classifier works (real vs real ~0.5, 
 blurred ~1.0); nearest-neighbour SSIM to the training slices, so copying shows; and
 distances between intensity histograms and brain-area distributions.
 """
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import TrainedModels, image_size_of, load_prior, load_vqvae
+from checkpoint import TrainedModels, image_size_of, load_trained_pair, load_vqvae
 from cli import opt, parse_configs, run_script
 from dataset import load_split_tensor, resolve_data_root
 from demo import demo_noise_free_split
 from errors import FlagError
-from files import image_grid, progress_indices, save_gray_png, to_uint8
+from files import image_grid, progress_indices, save_figure, save_gif, save_gray_png, to_uint8, write_json
 from hardware import pick_device, set_seed
 from metrics import codebook_usage, psnr_per_image, ssim_per_image
 from prior import sample_codes
@@ -111,7 +110,7 @@ def sample_conditions(prior_ckpt, n, slice_position, generator):
 
 
 def sampling_settings(cfg: PredictConfig):
-    """The keyword arguments of modules.sample_codes that --temperature and --top-p set."""
+    """The keyword arguments of prior.sample_codes that --temperature and --top-p set."""
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
         raise FlagError(f"--temperature must be above 0 and --top-p in (0, 1]; got {cfg.temperature}, {cfg.top_p}")
     return {"temperature": cfg.temperature, "top_p": cfg.top_p}
@@ -143,7 +142,7 @@ def save_slice_sweep(vqvae, prior, prior_ckpt, frames, sampling, seed, device, p
     positions = torch.linspace(0, n_conditions - 1, min(frames, n_conditions)).round().long()
     images, _ = decode_samples(vqvae, prior, prior_ckpt, len(positions), positions, sampling, seed, device)
     pictures = [Image.fromarray(to_uint8(image)) for image in images.squeeze(1).numpy()]
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=300, loop=0)
+    save_gif(path, pictures, duration_ms=300)
 
 
 def save_codebook_usage(vqvae, images_u8, path, batch_size=64):
@@ -156,7 +155,7 @@ def save_codebook_usage(vqvae, images_u8, path, batch_size=64):
     ax.set(yscale="log", xlabel="code (sorted by use)", ylabel="uses on the test split",
            title=f"codebook use: {used}/{len(counts)} codes, perplexity {perplexity:.1f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return perplexity, used
 
@@ -178,7 +177,7 @@ def save_code_maps(vqvae, images_u8, path, count=4):
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -196,7 +195,7 @@ def save_progression_gif(progress_dir, path):
         print(f"no per-epoch grids in {progress_dir}; skipping {path.name}")
         return
     images = [Image.open(f).convert("L") for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=400, loop=0)
+    save_gif(path, images, duration_ms=400)
 
 
 def save_curves(vq_history, prior_ckpt, path):
@@ -228,7 +227,7 @@ def finish_figure(fig, axes, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -252,8 +251,10 @@ def predict(cfg: PredictConfig):
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     out_dir = Path(cfg.out_dir)
-    vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
-    prior, prior_ckpt = (None, None) if cfg.reconstruction_only else load_prior(cfg.prior, device)
+    if cfg.reconstruction_only:
+        (vqvae, vq_ckpt), prior, prior_ckpt = load_vqvae(cfg.vqvae, device), None, None
+    else:
+        vqvae, vq_ckpt, prior, prior_ckpt = load_trained_pair(cfg, device)
     image_size = image_size_of(vq_ckpt)
     root = resolve_data_root(cfg.data)
     test_u8, test_set = load_split_tensor(root, "test", image_size, device)
@@ -282,7 +283,7 @@ def predict(cfg: PredictConfig):
     metrics.update({"test_perplexity": perplexity, "test_codes_used": used})
     save_progression_gif(cfg.progress_dir, out_dir / "progression.gif")
     save_curves(vq_ckpt["run"]["history"], prior_ckpt, out_dir / "curves.png")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", metrics)
 
     print(f"test SSIM {metrics['test_ssim_mean']:.4f} (min {metrics['test_ssim_min']:.4f}, "
           f"std {metrics['test_ssim_std']:.4f}) | PSNR {metrics['test_psnr_mean']:.2f} dB | "
@@ -292,7 +293,7 @@ def predict(cfg: PredictConfig):
               f"no reconstruction that cannot predict the noise gets much above it)")
     if cfg.realism:  # after the rest is written, so an interrupted --realism loses nothing else
         metrics["realism"] = realism(cfg, vqvae, prior, prior_ckpt, root, image_size, test_u8, recon, device)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(out_dir / "metrics.json", metrics)
         print_realism(metrics["realism"])
     return metrics
 

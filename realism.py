@@ -20,7 +20,7 @@ from c2st import (BLURRED_MIN_ACCURACY, C2ST_COARSE_SIZE, REAL_VS_REAL_RANGE, bl
 from checkpoint import load_checkpoint
 from cli import HelpFormatter, OneLineErrorParser, run_script
 from errors import DataError
-from files import to_uint8
+from files import save_figure, to_uint8
 from metrics import ssim_matrix
 from slices import FOREGROUND_THRESHOLD
 
@@ -232,8 +232,7 @@ def plot_realism_vs_minutes(rows, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot: it never hides a point
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -26,6 +26,7 @@ import train
 from checkpoint import load_checkpoint
 from cli import HelpFormatter, OneLineErrorParser, die, run_script
 from errors import NonFiniteLoss
+from files import write_json, write_text
 from hardware import pick_device, resolve_dtype
 
 OWN_FLAGS = {"--runs", "--file", "--common", "--out-dir", "--checkpoint-root", "-h", "--help"}
@@ -158,9 +159,9 @@ def write_table(rows, out_dir, common=""):
     markdown = "\n".join(lines) + "\n"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.md").write_text(markdown)
+    write_text(out_dir / "results.md", markdown)
     summary = {"common": common, "runs": rows, "winner": rows[0]["name"], "predict_command": predict_command(rows[0])}
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "results.json", summary)
     return markdown
 
 

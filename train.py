@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from bench import BenchmarkConfig, report, time_steps, train_or_benchmark
 from bench import prepare as prepare_benchmark
-from checkpoint import RunState, checkpoint_payload, resume_run, save_checkpoint
+from checkpoint import RunState, checkpoint_payload, resume_run, run_lock, save_checkpoint
 from cli import opt, parse_configs
 from dataset import load_split_tensor, resolve_data_root
 from files import image_grid, progress_indices, save_gray_png
@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     when stopped by SIGINT/SIGTERM (or by `stop`, an object whose .signal turns non-None).
     Started by torchrun, every process trains on its share of each batch.
     """
-    with process_group(cfg.device) as (ranks, device):
+    with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, "vqvae", ranks.main):
         progress = progress and ranks.main
         set_seed(cfg.seed)
         say = print_on_main(ranks)

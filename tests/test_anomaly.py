@@ -8,7 +8,8 @@ import torch
 
 import anomaly
 from brain import brain_region
-from dataset import load_split
+from checkpoint import load_prior, load_vqvae
+from dataset import load_split, load_split_tensor
 from lesions import LesionSet, detection_figures, make_lesion_set
 from metrics import auroc, average_precision, best_dice, dice_at
 from prior import PixelCNNConfig, VerticalStacks, build_prior, heal_codes, sample_codes
@@ -161,9 +162,9 @@ def test_healing_works_only_where_some_slice_has_a_flag(monkeypatch):
 
 @pytest.mark.parametrize("combine", ["mean", "min"])
 def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combine):
-    vqvae, _ = anomaly.load_vqvae(tiny_models.vqvae, "cpu")
-    prior, _ = anomaly.load_prior(tiny_models.prior, "cpu")
-    images_u8, slices = anomaly.load_split_tensor(tiny_models.data, "test", 32, cache_dir=None, progress=False)
+    vqvae, _ = load_vqvae(tiny_models.vqvae, "cpu")
+    prior, _ = load_prior(tiny_models.prior, "cpu")
+    images_u8, slices = load_split_tensor(tiny_models.data, "test", 32, cache_dir=None, progress=False)
     patch = np.zeros((len(images_u8), 32, 32), bool)
     patch[:, 12:20, 12:20] = True  # two by two codes of background in the middle of the brain
     images = np.where(patch, 0.0, images_u8[:, 0].numpy() / 255).astype(np.float32)

@@ -9,7 +9,7 @@ import torch
 import pixelcnn
 import training
 from checkpoint import load_checkpoint, load_prior, save_checkpoint
-from errors import CheckpointError
+from errors import CheckpointError, OutputError
 from prior import PixelCNNConfig, build_prior
 from training import WarmupCosine
 
@@ -61,7 +61,7 @@ def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError):
         save_checkpoint(path, {"kind": "vqvae", "version": 2})
     assert load_checkpoint(path, "vqvae")["version"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary left behind
