@@ -25,8 +25,10 @@ def codebook_usage(counts):
 
 
 def to_numpy_images(batch):
-    """(B, 1, H, W) tensor in [0, 1] -> (B, H, W) float64 numpy, clipped to [0, 1]."""
-    return batch.detach().float().clamp(0, 1).squeeze(1).cpu().numpy().astype(np.float64)
+    """(B, 1, H, W) tensor or (B, H, W) array in [0, 1] -> (B, H, W) float64 numpy, clipped to [0, 1]."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.detach().float().clamp(0, 1).squeeze(1).cpu().numpy()
+    return np.clip(np.asarray(batch, dtype=np.float64), 0, 1)
 
 
 def ssim_per_image(originals, reconstructions):
@@ -38,6 +40,19 @@ def ssim_per_image(originals, reconstructions):
 def psnr_per_image(originals, reconstructions):
     a, b = to_numpy_images(originals), to_numpy_images(reconstructions)
     return np.array([peak_signal_noise_ratio(x, y, data_range=1.0) for x, y in zip(a, b)])
+
+
+def gradient_magnitude(images):
+    """(N, H, W) images in [0, 1] -> the magnitude of numpy.gradient at each pixel, (N, H, W)."""
+    rows, cols = np.gradient(np.asarray(images, dtype=np.float64), axis=(1, 2))
+    return np.hypot(rows, cols)
+
+
+def sharpness(images, references, inside):
+    """Mean gradient magnitude of images over that of their references, over the pixels `inside`
+    (bool, like the images): 1.0 = edges as strong as the references'. A blur lowers it; noise
+    raises it, so it is read beside SSIM, never alone. Inputs (N, H, W) in [0, 1], same size."""
+    return float(gradient_magnitude(images)[inside].mean() / gradient_magnitude(references)[inside].mean())
 
 
 def _window_means(x, out=None, scratch=None):

@@ -35,9 +35,10 @@ from demo import demo_noise_free_split
 from errors import FlagError
 from files import image_grid, progress_indices, save_figure, save_gif, save_gray_png, to_uint8, write_json
 from hardware import pick_device, set_seed
-from metrics import codebook_usage, psnr_per_image, ssim_per_image
+from metrics import codebook_usage, psnr_per_image, sharpness, ssim_per_image, to_numpy_images
 from prior import sample_codes
 from realism import print_realism, realism_report
+from slices import FOREGROUND_THRESHOLD, NATIVE_SIZE, resize_unit
 from vqvae import decode_all, encode_all, reconstruct_all, to_unit
 
 matplotlib.use("Agg")
@@ -79,6 +80,28 @@ def test_metrics(images_u8, recon):
     ssim, psnr = ssim_per_image(x, recon), psnr_per_image(x, recon)
     return {"test_ssim_mean": float(ssim.mean()), "test_ssim_min": float(ssim.min()),
             "test_ssim_std": float(ssim.std()), "test_psnr_mean": float(psnr.mean())}
+
+
+def native_metrics(root, test_u8, recon, image_size):
+    """SSIM, PSNR and sharpness against the test slices at the data's own size (256x256), the
+    reconstructions upsampled (Lanczos) where the model works smaller: what a user sees. Sharpness
+    (metrics.sharpness) is over the pixels where the real slice is above the foreground level;
+    the same at the model's size beside it."""
+    shown = to_numpy_images(recon)
+    model_real = to_numpy_images(to_unit(test_u8))
+    at_model_size = sharpness(shown, model_real, model_real > FOREGROUND_THRESHOLD)
+    if image_size != NATIVE_SIZE:
+        native_u8, _ = load_split_tensor(root, "test", NATIVE_SIZE, progress=False)
+        shown = resize_unit(shown, NATIVE_SIZE)
+    else:
+        native_u8 = test_u8
+    real = to_numpy_images(to_unit(native_u8))
+    ssim, psnr = ssim_per_image(real, shown), psnr_per_image(real, shown)
+    return {"native_size": NATIVE_SIZE, "native_upsampling": "lanczos" if image_size != NATIVE_SIZE else None,
+            "test_ssim_native_mean": float(ssim.mean()), "test_ssim_native_min": float(ssim.min()),
+            "test_psnr_native_mean": float(psnr.mean()),
+            "test_sharpness_native": sharpness(shown, real, real > FOREGROUND_THRESHOLD),
+            "test_sharpness": at_model_size}
 
 
 def noise_free_ssim(root, images_u8, image_size):
@@ -231,13 +254,17 @@ def finish_figure(fig, axes, path):
     plt.close(fig)
 
 
-def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, root, image_size, test_u8, test_recon, device):
+def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, root, image_size, test_u8, test_case_ids, test_recon,
+            device):
     train_u8, train_set = load_split_tensor(root, "train", image_size, device)
     train_recon = reconstruct_all(vqvae, train_u8)
     samples, _ = generate(vqvae, prior, prior_ckpt, cfg.realism_samples, cfg.slice, sampling_settings(cfg),
                           cfg.seed, device)
+    validate_u8, validate_set = load_split_tensor(root, "validate", image_size, device)
+    held_out = (to_unit(torch.cat([validate_u8, test_u8])).cpu(),
+                np.concatenate([validate_set.case_ids, test_case_ids]))
     report = realism_report(samples, to_unit(train_u8).cpu(), train_recon, train_set.case_ids,
-                            to_unit(test_u8).cpu(), test_recon, n_folds=cfg.realism_folds,
+                            to_unit(test_u8).cpu(), test_recon, held_out=held_out, n_folds=cfg.realism_folds,
                             epochs=cfg.realism_epochs, lr=cfg.realism_lr, batch_size=cfg.realism_batch_size,
                             nn_train=cfg.realism_nn_train, seed=cfg.seed, device=device,
                             input_size=cfg.realism_size)
@@ -260,7 +287,8 @@ def predict(cfg: PredictConfig):
     test_u8, test_set = load_split_tensor(root, "test", image_size, device)
 
     recon = reconstruct_all(vqvae, test_u8)
-    metrics = {**test_metrics(test_u8, recon), "test_ssim_noise_free": noise_free_ssim(root, test_u8, image_size),
+    metrics = {**native_metrics(root, test_u8, recon, image_size), **test_metrics(test_u8, recon),
+               "test_ssim_noise_free": noise_free_ssim(root, test_u8, image_size),
                "split": "test", "image_size": image_size, "n_images": len(test_u8), "data_root": str(root),
                "vqvae": cfg.vqvae, "prior": None if cfg.reconstruction_only else cfg.prior}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +313,11 @@ def predict(cfg: PredictConfig):
     save_curves(vq_ckpt["run"]["history"], prior_ckpt, out_dir / "curves.png")
     write_json(out_dir / "metrics.json", metrics)
 
+    print(f"test at the data's own {NATIVE_SIZE}x{NATIVE_SIZE}"
+          + (" (reconstructions upsampled, Lanczos)" if image_size != NATIVE_SIZE else "")
+          + f": SSIM {metrics['test_ssim_native_mean']:.4f} (min {metrics['test_ssim_native_min']:.4f}) | "
+          f"PSNR {metrics['test_psnr_native_mean']:.2f} dB | sharpness {metrics['test_sharpness_native']:.3f} "
+          f"(reconstruction over real mean gradient magnitude inside the head)")
     print(f"test SSIM {metrics['test_ssim_mean']:.4f} (min {metrics['test_ssim_min']:.4f}, "
           f"std {metrics['test_ssim_std']:.4f}) | PSNR {metrics['test_psnr_mean']:.2f} dB | "
           f"{len(test_u8)} test slices at {image_size}x{image_size} from {root}")
@@ -292,7 +325,8 @@ def predict(cfg: PredictConfig):
         print(f"(the demo slices' noise-free twins score SSIM {metrics['test_ssim_noise_free']:.4f}: "
               f"no reconstruction that cannot predict the noise gets much above it)")
     if cfg.realism:  # after the rest is written, so an interrupted --realism loses nothing else
-        metrics["realism"] = realism(cfg, vqvae, prior, prior_ckpt, root, image_size, test_u8, recon, device)
+        metrics["realism"] = realism(cfg, vqvae, prior, prior_ckpt, root, image_size, test_u8, test_set.case_ids,
+                                     recon, device)
         write_json(out_dir / "metrics.json", metrics)
         print_realism(metrics["realism"])
     return metrics

@@ -59,21 +59,21 @@ def _nn_summary(values):
     return {"mean": float(values.mean()), "max": float(values.max()), "n": int(len(values))}
 
 
-def judged_c2st(samples, train_recon, train_case_ids, *, input_size, seed, **c2st_args):
-    """The C2ST of samples against reconstructed train slices at one input size, with both
-    controls run by the same classifier and budget, and whether the controls pass."""
-    c2st = classifier_two_sample_test(samples, train_recon, None, train_case_ids, seed=seed,
+def judged_c2st(samples, reference, reference_ids, *, controls_on, input_size, seed, **c2st_args):
+    """The C2ST of samples against reference images (reference_ids: their subjects) at one input
+    size, with both controls run by the same classifier and budget on controls_on = (name,
+    images, subjects), and whether the controls pass."""
+    c2st = classifier_two_sample_test(samples, reference, None, reference_ids, seed=seed,
                                       input_size=input_size, **c2st_args)
-    c2st["sides"] = {"a": "generated", "b": "VQ-VAE reconstructions of train slices"}
     n = c2st["n_per_class"]
-    real_vs_real = real_vs_real_control(train_recon, train_case_ids, n, seed=seed, input_size=input_size,
+    control_name, control_images, control_ids = controls_on
+    real_vs_real = real_vs_real_control(control_images, control_ids, n, seed=seed, input_size=input_size,
                                         **c2st_args)
-    blurred = blurred_vs_real_control(train_recon, train_case_ids, n, sigma=blur_sigma(samples.shape[-1]),
+    blurred = blurred_vs_real_control(control_images, control_ids, n, sigma=blur_sigma(samples.shape[-1]),
                                       seed=seed, input_size=input_size, **c2st_args)
     passed = controls_pass(real_vs_real["accuracy"], blurred["accuracy"])
     return {**c2st, "input_size": int(input_size), "valid": passed,
-            "controls": {"real_vs_real": real_vs_real, "blurred_vs_real": blurred,
-                         "images": "VQ-VAE reconstructions of train slices",
+            "controls": {"real_vs_real": real_vs_real, "blurred_vs_real": blurred, "images": control_name,
                          "real_vs_real_range": list(REAL_VS_REAL_RANGE),
                          "blurred_min_accuracy": BLURRED_MIN_ACCURACY}}
 
@@ -101,14 +101,17 @@ def shape_figures(images_by_name):
 
 
 def realism_report(samples, train_images, train_recon, train_case_ids, test_images, test_recon, *,
-                   n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0, device="cpu",
+                   held_out=None, n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0, device="cpu",
                    input_size=0):
     """Every realism figure for `samples` (all image tensors (N, 1, H, W) in [0, 1]).
 
-    The C2ST and both controls judge VQ-VAE reconstructions of the train split, so the
-    decoder is the same on both sides and only the prior is judged: at input_size (0 = the
-    images' own size) and at the coarse 64 px view. Nearest-neighbour SSIM and the
-    distribution distances compare against the real train slices."""
+    The headline, `c2st_real`: samples against real held-out slices (held_out = (images,
+    subjects), the validate and test splits), controls on the real train slices; it judges
+    what a user sees, the decoder's blur included. Beside it, `c2st` (and `c2st_64`, the coarse
+    64 px view) judge samples against VQ-VAE reconstructions of the train split, so the
+    decoder is the same on both sides and only the prior is judged. input_size: the side the
+    classifier sees (0 = the images' own). Nearest-neighbour SSIM and the distribution distances
+    compare against the real train slices."""
     started = time.time()
     train_case_ids = np.asarray(train_case_ids)
     if len(np.unique(train_case_ids)) < 2 * n_folds:
@@ -117,11 +120,20 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
                         f"{len(np.unique(train_case_ids))}")
     c2st_args = {"n_folds": n_folds, "epochs": epochs, "lr": lr, "batch_size": batch_size, "device": device}
     size = min(input_size or samples.shape[-1], samples.shape[-1])
-    c2st = judged_c2st(samples, train_recon, train_case_ids, input_size=size, seed=seed, **c2st_args)
+    reconstructed = ("VQ-VAE reconstructions of train slices", train_recon, train_case_ids)
+    c2st_real = None
+    if held_out is not None:
+        c2st_real = judged_c2st(samples, *held_out, controls_on=("real train slices", train_images, train_case_ids),
+                                input_size=size, seed=seed, **c2st_args)
+        c2st_real["sides"] = {"a": "generated", "b": "real held-out slices (validate and test)"}
+    c2st = judged_c2st(samples, train_recon, train_case_ids, controls_on=reconstructed, input_size=size, seed=seed,
+                       **c2st_args)
+    c2st["sides"] = {"a": "generated", "b": reconstructed[0]}
     coarse = None
     if size > C2ST_COARSE_SIZE:
-        coarse = judged_c2st(samples, train_recon, train_case_ids, input_size=C2ST_COARSE_SIZE, seed=seed,
-                             **c2st_args)
+        coarse = judged_c2st(samples, train_recon, train_case_ids, controls_on=reconstructed,
+                             input_size=C2ST_COARSE_SIZE, seed=seed, **c2st_args)
+        coarse["sides"] = c2st["sides"]
     c2st_seconds = time.time() - started
 
     references = train_images
@@ -134,6 +146,7 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
                "statistic": "per image, the max SSIM against every compared train slice (skimage "
                             "structural_similarity, data_range=1.0); mean and max over images"}
     return {
+        "c2st_real": c2st_real,
         "c2st": c2st,
         "c2st_valid": c2st["valid"],
         "controls_pass": c2st["valid"],
@@ -154,14 +167,14 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
 def _c2st_line(c2st):
     controls = c2st["controls"]
     verdict = "valid" if c2st["valid"] else "NOT VALID (controls failed)"
-    return (f"C2ST at {c2st['input_size']} px, generated vs reconstructed real: {c2st['accuracy']:.3f} "
+    return (f"C2ST at {c2st['input_size']} px, generated vs {c2st['sides']['b']}: {c2st['accuracy']:.3f} "
             f"(0.5 = indistinguishable; folds {', '.join(f'{a:.2f}' for a in c2st['fold_accuracies'])}) | "
             f"controls: real vs real {controls['real_vs_real']['accuracy']:.3f}, blurred vs real "
             f"{controls['blurred_vs_real']['accuracy']:.3f} -> {verdict}")
 
 
 def print_realism(report):
-    for c2st in (report["c2st"], report["c2st_64"]):
+    for c2st in (report.get("c2st_real"), report["c2st"], report["c2st_64"]):
         if c2st is not None:
             print(_c2st_line(c2st))
     nn_ssim = report["nn_ssim"]

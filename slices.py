@@ -133,9 +133,19 @@ def _to_gray_uint8(image: Image.Image) -> np.ndarray:
 
 
 def resize_gray(pixels: np.ndarray, size: int) -> np.ndarray:
-    # Resample in float so rounding happens once; Lanczos rings, hence the clip.
-    resized = Image.fromarray(pixels.astype(np.float32), mode="F").resize((size, size), Image.LANCZOS)
-    return np.clip(np.rint(np.asarray(resized)), 0, 255).astype(np.uint8)
+    """uint8 (H, W) -> uint8 (size, size), Lanczos; rounded once, after resampling in float."""
+    return np.clip(np.rint(lanczos(pixels.astype(np.float32), size)), 0, 255).astype(np.uint8)
+
+
+def resize_unit(images: np.ndarray, size: int) -> np.ndarray:
+    """Images in [0, 1], (N, H, W) -> (N, size, size) float32 in [0, 1], Lanczos like every resize
+    of the project (Lanczos rings, hence the clip)."""
+    return np.stack([np.clip(lanczos(np.asarray(image, np.float32), size), 0, 1) for image in images])
+
+
+def lanczos(image: np.ndarray, size: int) -> np.ndarray:
+    """float32 (H, W) -> float32 (size, size): the one resizing filter of the project."""
+    return np.asarray(Image.fromarray(image, mode="F").resize((size, size), Image.LANCZOS))
 
 
 def read_slice(path, image_size: int | None = None) -> np.ndarray:

@@ -298,9 +298,12 @@ def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(
     monkeypatch.setattr(realism, "classifier_two_sample_test", spy)  # the test itself
     monkeypatch.setattr(c2st, "classifier_two_sample_test", spy)  # what the controls run
     images, case_ids = blob_subjects(n_subjects=12, n_slices=4, size=128)
-    report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8], **TINY_BUDGET)
+    report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8],
+                                    held_out=(images[:24], case_ids[:24]), **TINY_BUDGET)
+    assert report["c2st_real"]["input_size"] == 128 and report["c2st_real"]["sides"]["b"].startswith("real held-out")
     assert report["c2st"]["input_size"] == 128 and report["c2st_64"]["input_size"] == 64
-    assert sorted(set(seen_sizes)) == [64, 128] and len(seen_sizes) == 6  # each with both controls
+    # against real slices at the image size, against reconstructions at both sizes, each with both controls
+    assert sorted(set(seen_sizes)) == [64, 128] and len(seen_sizes) == 9
     report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8],
                                     input_size=64, **TINY_BUDGET)
     assert report["c2st"]["input_size"] == 64 and report["c2st_64"] is None
