@@ -50,6 +50,9 @@ class PredictConfig(TrainedModels):
     data: str = opt("demo", "OASIS root whose test split is evaluated, or 'demo'")
     out_dir: str = opt("out", "where every output goes")
     progress_dir: str = opt("out/progress", "train.py's per-epoch grids, for the GIF")
+    split: str = opt("test", "the split whose reconstructions are scored (metrics.json keys start with it); "
+                             "validate is where settings are chosen, test where the chosen ones are reported",
+                     choices=["test", "validate"])
     n_samples: int = opt(16, "slices to generate", minimum=1)
     slice: int = opt(-1, "slice position to generate (0..31); -1 draws it from the training data")
     temperature: float = opt(1.0, "softmax temperature of the prior when sampling")
@@ -75,39 +78,39 @@ class PredictConfig(TrainedModels):
                                    "0 = all, else a seeded random subset of this many")
 
 
-def test_metrics(images_u8, recon):
+def model_size_metrics(images_u8, recon, split):
     x = to_unit(images_u8).cpu()
     ssim, psnr = ssim_per_image(x, recon), psnr_per_image(x, recon)
-    return {"test_ssim_mean": float(ssim.mean()), "test_ssim_min": float(ssim.min()),
-            "test_ssim_std": float(ssim.std()), "test_psnr_mean": float(psnr.mean())}
+    return {f"{split}_ssim_mean": float(ssim.mean()), f"{split}_ssim_min": float(ssim.min()),
+            f"{split}_ssim_std": float(ssim.std()), f"{split}_psnr_mean": float(psnr.mean())}
 
 
-def native_metrics(root, test_u8, recon, image_size):
+def native_metrics(root, split, images_u8, recon, image_size):
     """SSIM, PSNR and sharpness against the test slices at the data's own size (256x256), the
     reconstructions upsampled (Lanczos) where the model works smaller: what a user sees. Sharpness
     (metrics.sharpness) is over the pixels where the real slice is above the foreground level;
     the same at the model's size beside it."""
     shown = to_numpy_images(recon)
-    model_real = to_numpy_images(to_unit(test_u8))
+    model_real = to_numpy_images(to_unit(images_u8))
     at_model_size = sharpness(shown, model_real, model_real > FOREGROUND_THRESHOLD)
     if image_size != NATIVE_SIZE:
-        native_u8, _ = load_split_tensor(root, "test", NATIVE_SIZE, progress=False)
+        native_u8, _ = load_split_tensor(root, split, NATIVE_SIZE, progress=False)
         shown = resize_unit(shown, NATIVE_SIZE)
     else:
-        native_u8 = test_u8
+        native_u8 = images_u8
     real = to_numpy_images(to_unit(native_u8))
     ssim, psnr = ssim_per_image(real, shown), psnr_per_image(real, shown)
     return {"native_size": NATIVE_SIZE, "native_upsampling": "lanczos" if image_size != NATIVE_SIZE else None,
-            "test_ssim_native_mean": float(ssim.mean()), "test_ssim_native_min": float(ssim.min()),
-            "test_psnr_native_mean": float(psnr.mean()),
-            "test_sharpness_native": sharpness(shown, real, real > FOREGROUND_THRESHOLD),
-            "test_sharpness": at_model_size}
+            f"{split}_ssim_native_mean": float(ssim.mean()), f"{split}_ssim_native_min": float(ssim.min()),
+            f"{split}_psnr_native_mean": float(psnr.mean()),
+            f"{split}_sharpness_native": sharpness(shown, real, real > FOREGROUND_THRESHOLD),
+            f"{split}_sharpness": at_model_size}
 
 
-def noise_free_ssim(root, images_u8, image_size):
+def noise_free_ssim(root, split, images_u8, image_size):
     """On the demo set, mean SSIM of the test slices' noise-free twins: the score of a
     reconstruction that removes exactly the noise (None elsewhere: real slices have no twins)."""
-    twins = demo_noise_free_split(root, "test", image_size)
+    twins = demo_noise_free_split(root, split, image_size)
     if twins is None or twins.shape != tuple(images_u8.shape[:1] + images_u8.shape[2:]):
         return None
     return float(ssim_per_image(to_unit(images_u8).cpu(), to_unit(torch.from_numpy(twins))).mean())
@@ -275,6 +278,8 @@ def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, root, image_size, test
 def predict(cfg: PredictConfig):
     if cfg.realism and cfg.reconstruction_only:
         raise FlagError("--realism judges the prior's samples; it cannot go with --reconstruction-only")
+    if cfg.realism and cfg.split != "test":
+        raise FlagError("--realism judges samples against the held-out validate and test slices; use --split test")
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     out_dir = Path(cfg.out_dir)
@@ -284,12 +289,13 @@ def predict(cfg: PredictConfig):
         vqvae, vq_ckpt, prior, prior_ckpt = load_trained_pair(cfg, device)
     image_size = image_size_of(vq_ckpt)
     root = resolve_data_root(cfg.data)
-    test_u8, test_set = load_split_tensor(root, "test", image_size, device)
+    split = cfg.split
+    test_u8, test_set = load_split_tensor(root, split, image_size, device)
 
     recon = reconstruct_all(vqvae, test_u8)
-    metrics = {**native_metrics(root, test_u8, recon, image_size), **test_metrics(test_u8, recon),
-               "test_ssim_noise_free": noise_free_ssim(root, test_u8, image_size),
-               "split": "test", "image_size": image_size, "n_images": len(test_u8), "data_root": str(root),
+    metrics = {**native_metrics(root, split, test_u8, recon, image_size), **model_size_metrics(test_u8, recon, split),
+               f"{split}_ssim_noise_free": noise_free_ssim(root, split, test_u8, image_size),
+               "split": split, "image_size": image_size, "n_images": len(test_u8), "data_root": str(root),
                "vqvae": cfg.vqvae, "prior": None if cfg.reconstruction_only else cfg.prior}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_reconstruction_grid(test_u8, recon, out_dir / "reconstructions.png")
@@ -308,28 +314,33 @@ def predict(cfg: PredictConfig):
         print(f"sampled {cfg.n_samples} slices in {seconds:.1f}s -> {out_dir / 'samples.png'}")
     save_code_maps(vqvae, test_u8, out_dir / "code_maps.png")
     perplexity, used = save_codebook_usage(vqvae, test_u8, out_dir / "codebook_usage.png")
-    metrics.update({"test_perplexity": perplexity, "test_codes_used": used})
+    metrics.update({f"{split}_perplexity": perplexity, f"{split}_codes_used": used})
     save_progression_gif(cfg.progress_dir, out_dir / "progression.gif")
     save_curves(vq_ckpt["run"]["history"], prior_ckpt, out_dir / "curves.png")
     write_json(out_dir / "metrics.json", metrics)
 
-    print(f"test at the data's own {NATIVE_SIZE}x{NATIVE_SIZE}"
-          + (" (reconstructions upsampled, Lanczos)" if image_size != NATIVE_SIZE else "")
-          + f": SSIM {metrics['test_ssim_native_mean']:.4f} (min {metrics['test_ssim_native_min']:.4f}) | "
-          f"PSNR {metrics['test_psnr_native_mean']:.2f} dB | sharpness {metrics['test_sharpness_native']:.3f} "
-          f"(reconstruction over real mean gradient magnitude inside the head)")
-    print(f"test SSIM {metrics['test_ssim_mean']:.4f} (min {metrics['test_ssim_min']:.4f}, "
-          f"std {metrics['test_ssim_std']:.4f}) | PSNR {metrics['test_psnr_mean']:.2f} dB | "
-          f"{len(test_u8)} test slices at {image_size}x{image_size} from {root}")
-    if metrics["test_ssim_noise_free"] is not None:
-        print(f"(the demo slices' noise-free twins score SSIM {metrics['test_ssim_noise_free']:.4f}: "
-              f"no reconstruction that cannot predict the noise gets much above it)")
+    print_figures(metrics, split, image_size, len(test_u8), root)
     if cfg.realism:  # after the rest is written, so an interrupted --realism loses nothing else
         metrics["realism"] = realism(cfg, vqvae, prior, prior_ckpt, root, image_size, test_u8, test_set.case_ids,
                                      recon, device)
         write_json(out_dir / "metrics.json", metrics)
         print_realism(metrics["realism"])
     return metrics
+
+
+def print_figures(metrics, split, image_size, n_images, root):
+    """The figures at the data's own size first, then at the model's."""
+    def figure(name):
+        return metrics[f"{split}_{name}"]
+    upsampled = " (reconstructions upsampled, Lanczos)" if image_size != NATIVE_SIZE else ""
+    print(f"{split} at the data's own {NATIVE_SIZE}x{NATIVE_SIZE}{upsampled}: SSIM {figure('ssim_native_mean'):.4f} "
+          f"(min {figure('ssim_native_min'):.4f}) | PSNR {figure('psnr_native_mean'):.2f} dB | sharpness "
+          f"{figure('sharpness_native'):.3f} (reconstruction over real mean gradient magnitude inside the head)")
+    print(f"{split} SSIM {figure('ssim_mean'):.4f} (min {figure('ssim_min'):.4f}, std {figure('ssim_std'):.4f}) | "
+          f"PSNR {figure('psnr_mean'):.2f} dB | {n_images} {split} slices at {image_size}x{image_size} from {root}")
+    if figure("ssim_noise_free") is not None:
+        print(f"(the demo slices' noise-free twins score SSIM {figure('ssim_noise_free'):.4f}: "
+              f"no reconstruction that cannot predict the noise gets much above it)")
 
 
 def main(argv=None):

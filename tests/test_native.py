@@ -56,3 +56,12 @@ def test_metrics_json_leads_with_the_figures_at_the_datas_own_size(tiny_models, 
     assert 0 < metrics["test_ssim_native_mean"] < 1 and metrics["test_psnr_native_mean"] > 0
     assert 0 < metrics["test_sharpness_native"] < 1  # a 32 px model's edges, shown at 256 px, are weaker
     assert list(metrics)[:3] == ["native_size", "native_upsampling", "test_ssim_native_mean"]
+
+
+def test_the_validate_split_is_scored_under_its_own_name(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    predict.main(["--data", str(tiny_models.data), "--vqvae", str(tiny_models.vqvae), "--reconstruction-only",
+                  "--split", "validate", "--out-dir", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "validate" and "validate_ssim_native_mean" in metrics
+    assert not any(key.startswith("test_") for key in metrics)

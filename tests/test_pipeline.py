@@ -80,7 +80,7 @@ def test_metrics_json_has_the_promised_keys(pipeline_run):
 
 def test_noise_free_score_is_absent_for_data_without_twins(tmp_path):
     images = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)
-    assert predict.noise_free_ssim(tmp_path, images, 32) is None
+    assert predict.noise_free_ssim(tmp_path, "test", images, 32) is None
 
 
 def test_save_reconstructions_keeps_the_input_file_names(pipeline_run):
