@@ -3,9 +3,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from scipy.ndimage import gaussian_filter
 
 import predict
+import train
 from metrics import sharpness, ssim_per_image
 from slices import resize_unit
 
@@ -65,3 +67,14 @@ def test_the_validate_split_is_scored_under_its_own_name(tiny_models, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "validate" and "validate_ssim_native_mean" in metrics
     assert not any(key.startswith("test_") for key in metrics)
+
+
+def test_the_edge_loss_is_zero_for_a_perfect_reconstruction_and_grows_with_blur(slices_256):
+    x = torch.from_numpy(slices_256[:, None].astype(np.float32))
+    blurred = torch.from_numpy(np.stack([gaussian_filter(image, 2.0) for image in slices_256])[:, None]
+                               .astype(np.float32))
+    assert float(train.edge_loss(x, x)) == 0.0
+    assert float(train.edge_loss(blurred, x)) > 0.0
+    logits = torch.logit(x.clamp(1e-4, 1 - 1e-4))
+    plain = train.reconstruction_loss(logits, x, "bce")
+    assert float(train.reconstruction_loss(logits, x, "bce", edge_weight=2.0)) > float(plain)
