@@ -1,29 +1,33 @@
-"""Anomaly maps from the prior, scored on synthetic lesions against the reconstruction error.
+"""Anomaly maps from the prior: on a folder of your own slices, or on a lesion benchmark.
 
-    python anomaly.py                                  # demo set
+    python anomaly.py --images DIR [--masks DIR]       # your slices: maps, overlays, scores
+    python anomaly.py                                  # the benchmark on the demo set
     python anomaly.py --data path/to/keras_png_slices_data --vqvae ... --prior ...
 
-A slice is encoded; the codes the prior finds unlikely (probability below --threshold, from
-one pass of the gated PixelCNN, conditioned on the slice's position) are drawn afresh from the
-prior, each given the codes before it ("healing", Pinaya et al., Medical Image Analysis
-2022); the healed codes are decoded, and the difference between the slice and its healed
-versions, where codes were healed, is the anomaly map. Beside it, on the same slices: the
-plain reconstruction error (the baseline) and the prior's per-code NLL, upsampled. Every map
-is masked to the brain (the head less its rim of scalp and skull) less a band along the brain's
-edge (--edge-margin), where healed outlines differ a little from every slice's, healthy or not.
+A slice is encoded; the codes the prior finds unlikely (from one pass of the gated PixelCNN,
+conditioned on the slice's position) are drawn afresh from the prior ("healing", Pinaya et al.,
+Medical Image Analysis 2022); the difference between the slice and its healed versions, where
+codes were healed, is the anomaly map (maps.py). Beside it: the plain reconstruction error and
+the prior's per-code NLL.
 
-The benchmark (lesions.py): smooth-edged blobs of random shape, size and contrast drawn
-inside the brain of half the validate and test slices (seeded; nothing is written into the
-data folders). Everything that is chosen, the healing threshold (--threshold auto) and each
-map's pixel threshold for Dice, is chosen on the validate slices; the test slices are loaded
-only afterwards and reported: pixel AUROC, AUPRC and Dice, and slice AUROC (lesioned against
-untouched slices, each scored by its map's maximum), in all and split by lesion size and
-by bright and dark lesions.
+Thresholds are set on healthy slices alone by default (--thresholds healthy): validate slices of
+--data without lesions; heal the codes rarer than --heal-share of their brain codes, and give
+each map the pixel threshold that --fpr of their brain pixels exceed. No mask and no lesion is
+read to set them. --thresholds lesions tunes them on validate slices with synthetic lesions
+instead (the best pixel AUPRC over --threshold-grid, the best Dice).
 
-Writes out/anomaly_metrics.json (every figure on test, the same on the validate slices the
-choices were made on, the thresholds chosen and the time the test maps took) and
-out/anomaly.png (rows: test slices; columns: the slice, its lesion mask, the reconstruction
-error, the code NLL, the healed slice, the anomaly map).
+--images DIR: every PNG of DIR, read and resized as OASIS slices are; slice positions from OASIS
+names, --slice-position, or inferred (the position the prior finds most likely). Writes
+maps/<name>.npy (the healing map), overlays/<name>.png (pixels above its threshold in red),
+anomaly_scores.csv (each map's highest value in the brain), and with --masks (same file names,
+nonzero = lesion) pixel AUROC, AUPRC, Dice, best-possible Dice and slice AUROC.
+
+The benchmark (lesions.py): smooth-edged blobs drawn inside the brain of half the test slices
+(seeded; nothing is written into the data folders); the test split is loaded only after every
+threshold is set. Reported: pixel AUROC, AUPRC, Dice at the thresholds set, Dice at pixel
+thresholds tuned on validate lesions, the best-possible Dice, and slice AUROC (lesioned against
+untouched slices, each scored by its map's maximum), in all and by lesion size and contrast.
+Writes out/anomaly_metrics.json and out/anomaly.png.
 """
 import math
 import time
@@ -33,35 +37,50 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.ndimage import distance_transform_edt, gaussian_filter
-from tqdm import tqdm
+from PIL import Image
 
 from brain import brain_region
 from checkpoint import TrainedModels, image_size_of, load_trained_pair
 from cli import opt, parse_configs, run_script
 from dataset import load_split_tensor, resolve_data_root
-from errors import FlagError
-from files import progress_indices, save_figure, write_json
+from errors import DataError, FlagError
+from files import progress_indices, save_figure, to_uint8, write_atomically, write_json, write_text
 from hardware import pick_device, set_seed
-from lesions import CONTRAST_BINS, FROM_10PX, SIZE_BINS, LesionSet, detection_figures, make_lesion_set
-from metrics import average_precision, best_dice
-from prior import code_nll, heal_codes, slice_conditions
-from slices import NATIVE_SIZE
-from vqvae import decode_all, to_unit
+from lesions import (CONTRAST_BINS, FROM_10PX, LESION_KINDS, SIZE_BINS, LesionSet, detection_figures, make_lesion_set,
+                     masks_as_lesions, pixel_figures, slice_scores)
+from maps import METHOD_NAMES, METHODS, Benchmark, Maps, anomaly_maps, code_regions, encode, inner_regions
+from metrics import auroc, average_precision, best_dice, dice_at
+from prior import most_likely_positions, slice_conditions
+from slices import NATIVE_SIZE, image_files, parse_slice_name, read_mask, read_slice
+from vqvae import encode_all, to_unit
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-METHODS = ("reconstruction", "code_nll", "healing")
 BINS = SIZE_BINS + (FROM_10PX,) + CONTRAST_BINS  # the columns of the printed table
-METHOD_NAMES = {"reconstruction": "reconstruction error", "code_nll": "code NLL", "healing": "healing"}
 
 
 @dataclass
 class AnomalyConfig(TrainedModels):
-    data: str = opt("demo", "OASIS root whose validate and test slices get the lesions, or 'demo'")
+    data: str = opt("demo", "OASIS root whose validate slices set the thresholds and whose test slices get the "
+                            "benchmark's lesions, or 'demo'")
     out_dir: str = opt("out", "where anomaly.png and anomaly_metrics.json go")
+    images: str = opt("", "map your own slices instead of the benchmark: a folder of gray PNG slices (read and "
+                          "resized as OASIS slices are); writes a map (.npy) and an overlay (.png) per slice and "
+                          "anomaly_scores.csv")
+    masks: str = opt("", "with --images: a folder of lesion masks with the slices' file names (nonzero = lesion) "
+                         "to score the maps against")
+    slice_position: int = opt(-1, "with --images: the slice position (0..31) the prior is conditioned on; -1 = "
+                                   "from OASIS file names (case_<id>_slice_<k>.nii.png), else the position under "
+                                   "which the prior finds the slice most likely")
+    thresholds: str = opt("healthy", "where the thresholds come from: healthy = validate slices without lesions "
+                                     "alone (--heal-share, --fpr); lesions = tuned on validate slices with synthetic "
+                                     "lesions (--threshold, --threshold-grid and the best Dice)",
+                          choices=["healthy", "lesions"])
+    heal_share: float = opt(0.02, "--thresholds healthy: heal the codes rarer than this share of the healthy "
+                                  "validate slices' brain codes", minimum=1e-6, maximum=1.0)
+    fpr: float = opt(0.01, "--thresholds healthy: each map's pixel threshold is exceeded by this share of the "
+                           "healthy validate slices' brain pixels", minimum=1e-6, maximum=1.0)
     threshold: str = opt("auto", "heal the codes whose probability under the prior is below this (a number in "
                                  "(0, 1)); auto = the value of --threshold-grid whose healing maps score the "
                                  "best pixel AUPRC on the validate lesions")
@@ -78,9 +97,11 @@ class AnomalyConfig(TrainedModels):
                                    "the slice's on every slice, healthy or not; lesions are still scored there")
     lesion_size: tuple = opt((4.0, 32.0), "smallest and largest lesion diameter, px at 256 x 256 (scaled to "
                                           "the image size)")
+    lesion_kinds: tuple = opt(LESION_KINDS, "the kinds of lesion the benchmark draws, in turn, each reported on its "
+                                            "own: " + ", ".join(LESION_KINDS), choices=LESION_KINDS)
     lesion_contrast: tuple = opt((0.15, 0.5), "smallest and largest intensity change at a lesion's core, as a "
                                               "share of full scale; half the lesions brighten, half darken")
-    val_slices: int = opt(64, "validate slices, evenly spread over the split, that the thresholds are chosen on; "
+    val_slices: int = opt(64, "validate slices, evenly spread over the split, that the thresholds are set on; "
                               "0 = all", minimum=0)
     max_slices: int = opt(0, "test slices, evenly spread over the split, that are evaluated; 0 = all", minimum=0)
     batch_size: int = opt(1024, "code grids healed at once", minimum=1)
@@ -111,8 +132,15 @@ def check_range(name, values, upper=math.inf):
 
 def check_flags(cfg: AnomalyConfig):
     heal_threshold(cfg.threshold)
+    if cfg.thresholds == "healthy" and cfg.threshold != "auto":
+        raise FlagError("--threshold sets the healing threshold of --thresholds lesions; with healthy "
+                        "thresholds --heal-share sets it")
+    if cfg.masks and not cfg.images:
+        raise FlagError("--masks scores the maps of --images; give the slices' folder too")
     if not cfg.threshold_grid or not all(0 < t < 1 for t in cfg.threshold_grid):
         raise FlagError(f"--threshold-grid takes probabilities in (0, 1); got {list(cfg.threshold_grid)}")
+    if not cfg.lesion_kinds:
+        raise FlagError(f"--lesion-kinds takes one or more of {', '.join(LESION_KINDS)}")
     check_range("lesion-size", cfg.lesion_size)
     check_range("lesion-contrast", cfg.lesion_contrast, upper=1.0)
     if cfg.smooth < 0:
@@ -123,127 +151,24 @@ def check_flags(cfg: AnomalyConfig):
 
 # ----------------------------------------------------------------------------- the lesioned slices
 
-@dataclass
-class Benchmark:
-    """Slices of one split with lesions drawn into half of them, as the detector sees them."""
-    split: str
-    lesions: LesionSet
-    regions: np.ndarray        # bool (N, H, W): the brain of each slice, where maps are scored
-    inner: np.ndarray          # bool (N, H, W): the brain less the band along its edge, where maps are drawn
-    cond: torch.Tensor | None  # the slice positions the prior is conditioned on (None: unconditioned)
-    slice_idx: np.ndarray
-
-
-def lesion_benchmark(root, split, image_size, count, seed, cfg: AnomalyConfig, n_conditions, device):
-    """`count` slices of a split (evenly spread; 0 = all) with seeded lesions drawn in."""
+def lesion_benchmark(root, split, image_size, count, seed, cfg: AnomalyConfig, n_conditions, device,
+                     lesioned_share=0.5):
+    """`count` slices of a split (evenly spread; 0 = all) with seeded lesions drawn into
+    lesioned_share of them (0: healthy slices, for thresholds that never see a lesion)."""
     images_u8, slices = load_split_tensor(root, split, image_size)
     ids = progress_indices(len(images_u8), count or len(images_u8))
-    lesions = make_lesion_set(to_unit(images_u8[ids, 0]).numpy(), seed, cfg.lesion_size, cfg.lesion_contrast)
+    lesions = make_lesion_set(to_unit(images_u8[ids, 0]).numpy(), seed, cfg.lesion_size, cfg.lesion_contrast,
+                              lesioned_share, cfg.lesion_kinds)
+    if lesioned_share and not lesions.lesioned.any():
+        raise DataError(f"{split}: no lesion fits into its {len(ids)} slices; use more (--val-slices, --max-slices)")
+    return slices_to_map(split, lesions, slices.slice_idx[ids], cfg, n_conditions, device)
+
+
+def slices_to_map(name, lesions: LesionSet, slice_idx, cfg: AnomalyConfig, n_conditions, device):
+    """A Benchmark of slices (lesions.images) with their ground truth, brains and conditions."""
     regions = np.stack([brain_region(image) for image in lesions.images])
-    inner = inner_regions(regions, cfg.edge_margin * image_size / NATIVE_SIZE)
-    slice_idx = slices.slice_idx[ids]
-    return Benchmark(split, lesions, regions, inner, slice_conditions(slice_idx, n_conditions, device), slice_idx)
-
-
-def inner_regions(regions, margin):
-    """Each region less the band within `margin` px of its edge."""
-    if margin <= 0:
-        return regions
-    return np.stack([distance_transform_edt(region) > margin for region in regions])
-
-
-# ----------------------------------------------------------------------------- maps
-
-@dataclass
-class Encoded:
-    codes: torch.Tensor           # (N, h, w) on the device
-    nll: torch.Tensor             # (N, h, w): -log p(code | codes before it), nats
-    reconstructions: np.ndarray   # (N, H, W): the decoded codes
-
-
-@torch.no_grad()
-def encode(vqvae, prior, bench: Benchmark, device, batch_size=64):
-    images = torch.from_numpy(bench.lesions.images)[:, None]
-    codes = torch.cat([vqvae.encode_to_indices(images[i:i + batch_size].to(device))
-                       for i in range(0, len(images), batch_size)])
-    nll = torch.cat([code_nll(prior, codes[i:i + batch_size], None if bench.cond is None else
-                              bench.cond[i:i + batch_size]) for i in range(0, len(codes), batch_size)])
-    return Encoded(codes, nll, decode_all(vqvae, codes)[:, 0].numpy())
-
-
-def smooth(maps, sigma_at_256):
-    """Gaussian smoothing of each map (N, H, W); sigma in px at 256 x 256, scaled to the maps."""
-    sigma = sigma_at_256 * maps.shape[-1] / NATIVE_SIZE
-    return gaussian_filter(maps, (0, sigma, sigma)) if sigma > 0 else maps
-
-
-def upsample(grids, size, mode):
-    """Code grids (N, h, w) -> (N, size, size) numpy."""
-    return F.interpolate(grids[:, None].float().cpu(), size=(size, size), mode=mode)[:, 0].numpy()
-
-
-def reconstruction_error_map(bench: Benchmark, encoded: Encoded, sigma):
-    """The baseline: |slice - reconstruction|, smoothed, in the brain less its edge band."""
-    return smooth(np.abs(bench.lesions.images - encoded.reconstructions), sigma) * bench.inner
-
-
-def code_nll_map(bench: Benchmark, encoded: Encoded):
-    """The prior's per-code NLL, upsampled bilinearly to the image, in the brain less its edge band."""
-    return upsample(encoded.nll, bench.regions.shape[-1], "bilinear") * bench.inner
-
-
-@torch.no_grad()
-def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, batch_size, seed, device, combine):
-    """Heal every slice n_heal times -> (|slice - healed| (N, H, W) combined over the healed versions by
-    `combine`, mean healed slice, flags).
-
-    The n_heal copies of every slice are healed together, batch_size code grids at a time."""
-    flagged = encoded.nll > -math.log(threshold)
-    owners = torch.arange(len(encoded.codes), device=device).repeat_interleave(n_heal)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    chunks = [owners[i:i + batch_size] for i in range(0, len(owners), batch_size)]
-    healed = []
-    with tqdm(total=encoded.codes.shape[1] * len(chunks), desc=f"healing {bench.split}", leave=False) as bar:
-        for who in chunks:
-            cond = bench.cond[who] if bench.cond is not None else None
-            codes = heal_codes(prior, encoded.codes[who], flagged[who], cond, generator=generator, progress=bar)
-            healed.append(decode_all(vqvae, codes)[:, 0].numpy())
-    images = bench.lesions.images
-    healed = np.concatenate(healed).reshape(len(images), n_heal, *images.shape[1:])
-    differences = np.abs(images[:, None] - healed)
-    combined = differences.min(axis=1) if combine == "min" else differences.mean(axis=1)
-    return combined, healed.mean(axis=1), flagged
-
-
-def healing_map(bench: Benchmark, differences, flagged, sigma):
-    """The difference from the healed slices, smoothed, where codes were healed: weighted by the
-    map of flagged codes, upsampled and smoothed over about a code cell (Pinaya et al. filter
-    their residuals by the resampling mask so), in the brain less its edge band."""
-    size = bench.regions.shape[-1]
-    cell = size / flagged.shape[-1]
-    where_healed = gaussian_filter(upsample(flagged, size, "nearest"), (0, cell / 2, cell / 2))
-    return smooth(differences, sigma) * where_healed * bench.inner
-
-
-@dataclass
-class Maps:
-    reconstruction: np.ndarray
-    code_nll: np.ndarray
-    healing: np.ndarray
-    healed: np.ndarray            # the mean healed slice, for the figure
-    healed_share: float           # share of the codes in the brain that were healed
-
-
-def anomaly_maps(vqvae, prior, bench: Benchmark, threshold, cfg: AnomalyConfig, device, encoded=None):
-    """The three maps of a benchmark's slices; `encoded` saves encoding them again."""
-    if encoded is None:
-        encoded = encode(vqvae, prior, bench, device)
-    differences, healed, flagged = heal(vqvae, prior, bench, encoded, threshold, cfg.n_heal, cfg.batch_size,
-                                        cfg.seed, device, cfg.combine)
-    grid_regions = upsample(torch.from_numpy(bench.regions), flagged.shape[-1], "area") > 0.5
-    return Maps(reconstruction_error_map(bench, encoded, cfg.smooth), code_nll_map(bench, encoded),
-                healing_map(bench, differences, flagged, cfg.smooth), healed,
-                float(flagged.cpu().numpy()[grid_regions].mean()) if grid_regions.any() else 0.0)
+    inner = inner_regions(regions, cfg.edge_margin * lesions.images.shape[-1] / NATIVE_SIZE)
+    return Benchmark(name, lesions, regions, inner, slice_conditions(slice_idx, n_conditions, device), slice_idx)
 
 
 # ----------------------------------------------------------------------------- chosen on validate
@@ -258,36 +183,59 @@ def choose_heal_threshold(vqvae, prior, bench: Benchmark, cfg: AnomalyConfig, de
     encoded = encode(vqvae, prior, bench, device)
     if fixed is not None:
         return fixed, anomaly_maps(vqvae, prior, bench, fixed, cfg, device, encoded), {}
-    tried = {}
+    tried, best, best_maps = {}, None, None
     for candidate in sorted(cfg.threshold_grid):
         maps = anomaly_maps(vqvae, prior, bench, candidate, cfg, device, encoded)
-        tried[candidate] = (pixel_auprc(maps.healing, bench), maps)
+        tried[candidate] = pixel_auprc(maps.healing, bench)
         print(f"  threshold {candidate:g}: {maps.healed_share:.1%} of the brain's codes healed, "
-              f"validate pixel AUPRC {tried[candidate][0]:.3f}")
-    best = max(tried, key=lambda t: np.nan_to_num(tried[t][0], nan=-1.0))
-    return best, tried[best][1], {t: score for t, (score, _) in tried.items()}
+              f"validate pixel AUPRC {tried[candidate]:.3f}")
+        if best is None or np.nan_to_num(tried[candidate], nan=-1.0) > np.nan_to_num(tried[best], nan=-1.0):
+            best, best_maps = candidate, maps  # only the best candidate's maps are kept
+    grid = sorted(cfg.threshold_grid)
+    if len(grid) > 1 and best in (grid[0], grid[-1]):
+        print(f"warning: the chosen threshold {best:g} is at the edge of --threshold-grid; a value beyond it "
+              f"may score better")
+    return best, best_maps, tried
+
+
+def healthy_thresholds(vqvae, prior, healthy: Benchmark, cfg: AnomalyConfig, device):
+    """Thresholds from slices without lesions alone: heal the codes rarer than cfg.heal_share of
+    the healthy brain codes, and give each map the pixel threshold that cfg.fpr of the healthy
+    brain pixels exceed. -> (heal threshold, {method: pixel threshold}). Reads no mask."""
+    encoded = encode(vqvae, prior, healthy, device)
+    brain_codes = code_regions(healthy.regions, encoded.nll.shape[-1])
+    nll = encoded.nll.cpu().numpy()[brain_codes]
+    threshold = math.exp(-float(np.quantile(nll, 1 - cfg.heal_share)))
+    maps = anomaly_maps(vqvae, prior, healthy, threshold, cfg, device, encoded)
+    return threshold, {m: float(np.quantile(getattr(maps, m)[healthy.regions], 1 - cfg.fpr)) for m in METHODS}
 
 
 def choose_dice_thresholds(maps: Maps, bench: Benchmark):
-    """Each method's pixel threshold: the one with the best Dice on the validate slices."""
+    """Each method's pixel threshold: the one with the best Dice on the validate lesions."""
     return {m: best_dice(getattr(maps, m)[bench.regions], bench.lesions.masks[bench.regions])[1]
             for m in METHODS}
+
+
+def best_possible_dice(maps: Maps, bench: Benchmark):
+    """Each method's best Dice over every threshold on these slices: what no threshold beats."""
+    return {m: best_dice(getattr(maps, m)[bench.regions], bench.lesions.masks[bench.regions])[0] for m in METHODS}
 
 
 # ----------------------------------------------------------------------------- report
 
 def without_nan(value):
-    """nan (a figure without the items it needs, e.g. no lesion in a size bin) as JSON null."""
+    """nan or infinity (a figure without the items it needs, e.g. no lesion in a size bin) as
+    JSON null, which strict JSON readers accept."""
     if isinstance(value, dict):
         return {k: without_nan(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [without_nan(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def print_table(results):
-    print(f"{'test':22s} {'pixel AUROC':>11s} {'AUPRC':>6s} {'Dice':>6s} {'slice AUROC':>11s} | "
-          + " ".join(f"{b:>8s}" for b in BINS) + "  (slice AUROC / pixel AUPRC)")
+    print(f"{'test':22s} {'pixel AUROC':>11s} {'AUPRC':>6s} {'Dice':>6s} {'tuned':>6s} {'best':>6s} "
+          f"{'slice AUROC':>11s} | " + " ".join(f"{b:>8s}" for b in BINS) + "  (slice AUROC / pixel AUPRC)")
     for method in METHODS:
         r = results[method]
         by_bin = {**r["by_size"], **r["by_contrast"]}
@@ -295,7 +243,14 @@ def print_table(results):
                          for b in BINS)
         a = r["all"]
         print(f"{METHOD_NAMES[method]:22s} {a['pixel_auroc']:11.3f} {a['pixel_auprc']:6.3f} {a['dice']:6.3f} "
-              f"{a['slice_auroc']:11.3f} | {cells}")
+              f"{a['dice_tuned_on_lesions']:6.3f} {a['best_possible_dice']:6.3f} {a['slice_auroc']:11.3f} | {cells}")
+    print("Dice: at the pixel thresholds set; tuned: at those tuned on validate lesions; best: the best any "
+          "threshold reaches on these slices")
+    for method in METHODS:
+        by_kind = results[method].get("by_kind", {})
+        if len(by_kind) > 1:
+            print(f"  {METHOD_NAMES[method]} by lesion kind (slice AUROC / pixel AUPRC): " + ", ".join(
+                f"{kind} {r['slice_auroc']:.2f}/{r['pixel_auprc']:.2f}" for kind, r in by_kind.items()))
 
 
 def example_rows(lesions: LesionSet, count=5):
@@ -337,41 +292,135 @@ def run_anomaly(cfg: AnomalyConfig):
     vqvae, vq_ckpt, prior, prior_ckpt = load_trained_pair(cfg, device)
     image_size, n_conditions = image_size_of(vq_ckpt), prior_ckpt["model_config"]["n_conditions"]
     root = resolve_data_root(cfg.data)
+    models = (vqvae, prior, image_size, n_conditions, device)
+    if cfg.images:
+        return run_on_images(cfg, root, models)
+    return run_benchmark(cfg, root, models)
 
+
+def set_thresholds(cfg: AnomalyConfig, root, models):
+    """-> (heal threshold, {method: pixel threshold}, what they were set on, validate figures or None,
+    seconds): from healthy validate slices (the default), or tuned on validate lesions."""
+    vqvae, prior, image_size, n_conditions, device = models
     started = time.perf_counter()
+    if cfg.thresholds == "healthy":
+        healthy = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device,
+                                   lesioned_share=0.0)
+        threshold, pixel = healthy_thresholds(vqvae, prior, healthy, cfg, device)
+        print(f"set on {len(healthy.slice_idx)} healthy validate slices: heal codes below probability "
+              f"{threshold:.3g} (the rarest {cfg.heal_share:g} of healthy brain codes); pixel thresholds at "
+              f"--fpr {cfg.fpr:g}")
+        return threshold, pixel, "healthy validate slices", None, time.perf_counter() - started
     val = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device)
     print(f"validate: {len(val.slice_idx)} slices, {val.lesions.lesioned.sum()} with a lesion")
     threshold, val_maps, tried = choose_heal_threshold(vqvae, prior, val, cfg, device)
-    dice_thresholds = choose_dice_thresholds(val_maps, val)
-    val_results = {m: detection_figures(getattr(val_maps, m), val.lesions, val.regions, dice_thresholds[m])
-                   for m in METHODS}
-    validate_seconds = time.perf_counter() - started
-    print(f"chosen on validate: heal codes below probability {threshold:g}; Dice thresholds "
-          + ", ".join(f"{METHOD_NAMES[m]} {t:.4g}" for m, t in dice_thresholds.items()))
+    pixel = choose_dice_thresholds(val_maps, val)
+    figures = {m: detection_figures(getattr(val_maps, m), val.lesions, val.regions, pixel[m]) for m in METHODS}
+    return threshold, pixel, "validate lesions", {"methods": figures, "threshold_search": tried}, \
+        time.perf_counter() - started
+
+
+def run_benchmark(cfg: AnomalyConfig, root, models):
+    vqvae, prior, image_size, n_conditions, device = models
+    threshold, pixel, set_on, validate, validate_seconds = set_thresholds(cfg, root, models)
+    tuned = pixel
+    if cfg.thresholds == "healthy":  # beside them, as a reference: pixel thresholds tuned on validate lesions
+        val = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device)
+        tuned = choose_dice_thresholds(anomaly_maps(vqvae, prior, val, threshold, cfg, device), val)
 
     # the test split is loaded only now, after every threshold is fixed
     test = lesion_benchmark(root, "test", image_size, cfg.max_slices, cfg.seed + 1, cfg, n_conditions, device)
     started = time.perf_counter()
     maps = anomaly_maps(vqvae, prior, test, threshold, cfg, device)
     test_seconds = time.perf_counter() - started
-    results = {m: detection_figures(getattr(maps, m), test.lesions, test.regions, dice_thresholds[m])
-               for m in METHODS}
+    best = best_possible_dice(maps, test)
+    results = {}
+    for m in METHODS:
+        results[m] = detection_figures(getattr(maps, m), test.lesions, test.regions, pixel[m])
+        results[m]["all"]["best_possible_dice"] = best[m]
+        results[m]["all"]["dice_tuned_on_lesions"] = dice_at(getattr(maps, m)[test.regions],
+                                                             test.lesions.masks[test.regions], tuned[m])
 
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     save_examples(test, maps, out_dir / "anomaly.png")
     report = {"split": "test", "data_root": str(root), "image_size": image_size, "vqvae": cfg.vqvae,
               "prior": cfg.prior, "n_slices": len(test.slice_idx), "n_lesioned": int(test.lesions.lesioned.sum()),
-              "heal_threshold": threshold, "threshold_search": {str(t): s for t, s in tried.items()},
-              "dice_thresholds": dice_thresholds, "healed_share": maps.healed_share,
-              "test_maps_seconds": test_seconds, "validate_seconds": validate_seconds,
-              "n_validate_slices": len(val.slice_idx), "config": asdict(cfg), "methods": results,
-              "validate_methods": val_results}
+              "thresholds_set_on": set_on, "heal_threshold": threshold, "pixel_thresholds": pixel,
+              "pixel_thresholds_tuned_on_lesions": tuned, "healed_share": maps.healed_share,
+              "test_maps_seconds": test_seconds, "validate_seconds": validate_seconds, "config": asdict(cfg),
+              "methods": results, "validate": validate}
     write_json(out_dir / "anomaly_metrics.json", without_nan(report))
     print_table(results)
     print(f"{len(test.slice_idx)} test slices ({report['n_lesioned']} with a lesion) at {image_size}x{image_size}; "
-          f"{maps.healed_share:.1%} of the brain's codes healed; maps in {test_seconds:.0f}s -> "
-          f"{out_dir / 'anomaly_metrics.json'}, {out_dir / 'anomaly.png'}")
+          f"thresholds set on {set_on}; {maps.healed_share:.1%} of the brain's codes healed; maps in "
+          f"{test_seconds:.0f}s -> {out_dir / 'anomaly_metrics.json'}, {out_dir / 'anomaly.png'}")
+    return report
+
+
+def slice_positions(files, cfg: AnomalyConfig, n_conditions, vqvae, prior, images, device):
+    """Each slice's position for the prior -> (positions, where they came from)."""
+    if not n_conditions:
+        return np.zeros(len(files), dtype=np.int64), "none (the prior is not conditioned)"
+    if cfg.slice_position >= 0:
+        return np.full(len(files), cfg.slice_position), "--slice-position"
+    try:
+        return np.array([parse_slice_name(f.name)[1] for f in files]), "the OASIS file names"
+    except DataError:
+        codes = encode_all(vqvae, torch.from_numpy(np.rint(images * 255).astype(np.uint8))[:, None].to(device))
+        return most_likely_positions(prior, codes, n_conditions), "inferred: the position the prior finds most likely"
+
+
+def save_overlay(path, image, anomaly_map, threshold):
+    """The slice in gray with the pixels whose map exceeds the threshold tinted red."""
+    gray = to_uint8(image)
+    rgb = np.stack([gray] * 3, axis=-1).astype(np.float32)
+    above = anomaly_map > threshold
+    rgb[above] = 0.45 * rgb[above] + 0.55 * np.array([255.0, 0.0, 0.0])
+    write_atomically(path, lambda f: Image.fromarray(rgb.round().astype(np.uint8), mode="RGB").save(f, format="PNG"))
+
+
+def run_on_images(cfg: AnomalyConfig, root, models):
+    """Maps of a folder of the user's slices, thresholds set on --data's validate slices; scored
+    against --masks where given (the maps never see them)."""
+    vqvae, prior, image_size, n_conditions, device = models
+    files = image_files(cfg.images)
+    threshold, pixel, set_on, _, _ = set_thresholds(cfg, root, models)
+    images = np.stack([read_slice(f, image_size) for f in files]).astype(np.float32) / 255
+    masks = (np.stack([read_mask(cfg.masks, f, image_size) for f in files]) if cfg.masks
+             else np.zeros(images.shape, dtype=bool))
+    positions, source = slice_positions(files, cfg, n_conditions, vqvae, prior, images, device)
+    print(f"{len(files)} slices from {cfg.images} at {image_size}x{image_size}; slice positions: {source}")
+    bench = slices_to_map("images", masks_as_lesions(images, masks), positions, cfg, n_conditions, device)
+    maps = anomaly_maps(vqvae, prior, bench, threshold, cfg, device)
+
+    out_dir = Path(cfg.out_dir)
+    rows = ["file,slice_position," + ",".join(f"{m}_score" for m in METHODS) + ",healing_pixels_above_threshold"
+            + (",mask_pixels" if cfg.masks else "")]
+    for i, path in enumerate(files):
+        healing = maps.healing[i]
+        write_atomically(out_dir / "maps" / f"{path.stem}.npy", lambda f, a=healing: np.save(f, a.astype(np.float32)))
+        save_overlay(out_dir / "overlays" / path.name, images[i], healing, pixel["healing"])
+        scores = [float(getattr(maps, m)[i][bench.regions[i]].max()) if bench.regions[i].any() else 0.0
+                  for m in METHODS]
+        rows.append(f"{path.name},{positions[i]}," + ",".join(f"{s:.6g}" for s in scores)
+                    + f",{int((healing > pixel['healing']).sum())}" + (f",{int(masks[i].sum())}" if cfg.masks else ""))
+    write_text(out_dir / "anomaly_scores.csv", "\n".join(rows) + "\n")
+    report = {"images": cfg.images, "masks": cfg.masks or None, "n_slices": len(files), "image_size": image_size,
+              "slice_positions_from": source, "thresholds_set_on": set_on, "heal_threshold": threshold,
+              "pixel_thresholds": pixel, "healed_share": maps.healed_share, "vqvae": cfg.vqvae, "prior": cfg.prior}
+    if cfg.masks:
+        best = best_possible_dice(maps, bench)
+        report["methods"] = {m: {**pixel_figures(getattr(maps, m), masks, bench.regions, pixel[m]),
+                                 "best_possible_dice": best[m],
+                                 "slice_auroc": auroc(slice_scores(getattr(maps, m), bench.regions),
+                                                      bench.lesions.lesioned)} for m in METHODS}
+        for m, r in report["methods"].items():
+            print(f"{METHOD_NAMES[m]:22s} pixel AUROC {r['pixel_auroc']:.3f} | AUPRC {r['pixel_auprc']:.3f} | "
+                  f"Dice {r['dice']:.3f} (best possible {r['best_possible_dice']:.3f}) | slice AUROC "
+                  f"{r['slice_auroc']:.3f}")
+    write_json(out_dir / "anomaly_metrics.json", without_nan(report))
+    print(f"maps, overlays and scores of {len(files)} slices -> {out_dir / 'maps'}, {out_dir / 'overlays'}, "
+          f"{out_dir / 'anomaly_scores.csv'}")
     return report
 
 

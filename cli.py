@@ -36,8 +36,8 @@ def add_config_flags(parser, config_cls):
             kwargs["choices"] = f.metadata["choices"]
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, (list, tuple)):
-            kwargs.update(type=float, nargs="*")
+        elif isinstance(default, (list, tuple)):  # a list of the type of its first entry
+            kwargs.update(type=type(default[0]) if default else float, nargs="*")
         elif "minimum" in f.metadata:
             kwargs["type"] = in_range(type(default), f.metadata["minimum"], f.metadata.get("maximum"))
         else:

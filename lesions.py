@@ -28,6 +28,13 @@ SIZE_BIN_EDGES_AT_256 = (10.0, 20.0)
 SIZE_BINS = ("<10px", "10-20px", ">=20px")
 FROM_10PX = ">=10px"  # the two larger size bins together
 CONTRAST_BINS = ("bright", "dark")
+# How a lesion's contrast is laid out: blob, uniform with a soft edge; ring, a sharp-edged rim at
+# full contrast round a core at RING_CORE of it; textured, a soft-edged blob whose contrast is
+# mottled by a smooth random field (TEXTURE_SIGMA px at 256) between none and full.
+LESION_KINDS = ("blob", "ring", "textured")
+RING_CORE = 0.3
+RING_WIDTH = 0.35  # of the radius
+TEXTURE_SIGMA_AT_256 = 2.0
 
 
 @dataclass
@@ -36,10 +43,12 @@ class LesionSet:
     all-False mask, diameter nan and contrast 0."""
     images: np.ndarray     # float32 (N, H, W) in [0, 1]: the slices as the detector sees them
     weights: np.ndarray    # float32 (N, H, W) in [0, 1]: the share of its lesion's contrast each pixel got
-    masks: np.ndarray      # bool (N, H, W): the ground truth, where the weight is at least one half
+    masks: np.ndarray      # bool (N, H, W): the ground truth, the lesion's extent (a blob's weight >= 1/2)
     lesioned: np.ndarray   # bool (N,)
     diameters: np.ndarray  # float (N,): equivalent diameter of the mask, px at 256 x 256
-    contrasts: np.ndarray  # float (N,): the intensity added at a lesion's core (negative: darker)
+    contrasts: np.ndarray  # float (N,): the intensity change a lesion's core got, after clipping (negative: darker)
+    nominal: np.ndarray = None  # float (N,): the contrast it was drawn with, before clipping at 0 and 1
+    kinds: np.ndarray = None  # str (N,): each lesion's LESION_KINDS entry, "" for untouched slices
 
     def size_bin(self):
         """The size bin (an index into SIZE_BINS) of each slice; -1 for untouched slices."""
@@ -64,9 +73,10 @@ def blob_reach(radius, bends):
     return radius * (1 + float(np.sum(bends))) + max(1.0, EDGE_SHARE * radius) / 2
 
 
-def draw_lesion(image, rng, size_range_px, contrast_range):
-    """One lesion wholly inside the brain of `image` -> (lesioned image, weights, contrast), or
-    None where not even the smallest lesion fits. Sizes in px at the image's own size."""
+def draw_lesion(image, rng, size_range_px, contrast_range, kind="blob"):
+    """One lesion of a kind (LESION_KINDS) wholly inside the brain of `image` -> (lesioned image,
+    weights, contrast, the lesion's extent), or None where not even the smallest lesion fits.
+    Sizes in px at the image's own size."""
     diameter = rng.uniform(*size_range_px)
     bends = rng.uniform(0, MAX_BEND, len(HARMONICS))
     phases = rng.uniform(0, 2 * np.pi, len(HARMONICS))
@@ -79,30 +89,65 @@ def draw_lesion(image, rng, size_range_px, contrast_range):
             return None
     places = np.argwhere(depth > blob_reach(diameter / 2, bends))
     centre = places[min(int(pick * len(places)), len(places) - 1)]
-    weights = blob_weight(image.shape, centre, diameter / 2, bends, phases)
-    return np.clip(image + contrast * weights, 0.0, 1.0).astype(np.float32), weights, contrast
+    blob = blob_weight(image.shape, centre, diameter / 2, bends, phases)
+    weights = lesion_profile(kind, blob, diameter / 2, rng)
+    return np.clip(image + contrast * weights, 0.0, 1.0).astype(np.float32), weights, contrast, blob >= 0.5
 
 
-def make_lesion_set(images, seed, size_range=(4.0, 32.0), contrast_range=(0.15, 0.5), lesioned_share=0.5):
+def lesion_profile(kind, blob, radius, rng):
+    """The share of its contrast each pixel of a lesion gets; the lesion is where the blob's
+    weight is at least one half, whatever its kind."""
+    inside = blob >= 0.5
+    if kind == "ring":
+        depth = ndimage.distance_transform_edt(inside)
+        return np.where(inside, np.where(depth <= RING_WIDTH * radius, 1.0, RING_CORE), 0.0).astype(np.float32)
+    if kind == "textured":
+        sigma = TEXTURE_SIGMA_AT_256 * blob.shape[-1] / NATIVE_SIZE
+        field = ndimage.gaussian_filter(rng.standard_normal(blob.shape), sigma)
+        field = np.clip(0.5 + field / (4 * field[inside].std() + 1e-12), 0.0, 1.0)
+        return np.where(inside, np.maximum(blob * field, 0.5 * field), blob * field).astype(np.float32)
+    return blob
+
+
+def masks_as_lesions(images, masks):
+    """A user's slices and masks as a LesionSet (no drawn contrast; empty masks: healthy slices)."""
+    lesioned = masks.reshape(len(masks), -1).any(axis=1)
+    scale = images.shape[-1] / NATIVE_SIZE
+    diameters = np.where(lesioned, 2 * np.sqrt(masks.sum(axis=(1, 2)) / np.pi) / scale, np.nan)
+    return LesionSet(images=images, weights=masks.astype(np.float32), masks=masks, lesioned=lesioned,
+                     diameters=diameters, contrasts=np.zeros(len(images)))
+
+
+def achieved_contrast(original, lesioned, weights):
+    """The intensity change per unit of lesion weight that a slice actually got (0 where none)."""
+    total = float(weights.sum())
+    return float(((lesioned - original) * weights).sum() / float((weights * weights).sum())) if total else 0.0
+
+
+def make_lesion_set(images, seed, size_range=(4.0, 32.0), contrast_range=(0.15, 0.5), lesioned_share=0.5,
+                    kinds=("blob",)):
     """Lesions drawn into a seeded `lesioned_share` of `images` (N, H, W) in [0, 1], one each:
     sizes (equivalent diameter, px at 256 x 256) and contrast magnitudes uniform in their
-    ranges, brighter or darker with equal chance, placed wholly inside the brain. The same
-    seed and images give the same lesions."""
+    ranges, brighter or darker with equal chance, of the `kinds` in turn, placed wholly inside
+    the brain. The same seed and images give the same lesions."""
     images = np.asarray(images, dtype=np.float32)
     n, side = len(images), images.shape[-1]
     scale = side / NATIVE_SIZE
     chosen = np.zeros(n, dtype=bool)
     chosen[np.random.default_rng(seed).permutation(n)[:int(round(n * lesioned_share))]] = True
     out = LesionSet(images=images.copy(), weights=np.zeros_like(images), masks=np.zeros(images.shape, bool),
-                    lesioned=np.zeros(n, dtype=bool), diameters=np.full(n, np.nan), contrasts=np.zeros(n))
+                    lesioned=np.zeros(n, dtype=bool), diameters=np.full(n, np.nan), contrasts=np.zeros(n),
+                    nominal=np.zeros(n), kinds=np.full(n, "", dtype=object))
     size_range_px = (size_range[0] * scale, size_range[1] * scale)
-    for i in np.flatnonzero(chosen):
-        drawn = draw_lesion(images[i], np.random.default_rng([seed, i]), size_range_px, contrast_range)
+    for number, i in enumerate(np.flatnonzero(chosen)):
+        kind = kinds[number % len(kinds)]
+        drawn = draw_lesion(images[i], np.random.default_rng([seed, i]), size_range_px, contrast_range, kind)
         if drawn is None:
             continue
-        out.images[i], out.weights[i], out.contrasts[i] = drawn
-        out.masks[i] = out.weights[i] >= 0.5
-        out.lesioned[i] = True
+        out.images[i], out.weights[i], out.nominal[i], out.masks[i] = drawn
+        # what the slice got, not what was asked for: clipping at 0 and 1 takes some of it away
+        out.contrasts[i] = achieved_contrast(images[i], out.images[i], out.weights[i]) or out.nominal[i]
+        out.lesioned[i], out.kinds[i] = True, kind
         out.diameters[i] = 2 * np.sqrt(out.masks[i].sum() / np.pi) / scale
     return out
 
@@ -128,7 +173,8 @@ def detection_figures(maps, lesions: LesionSet, regions, dice_threshold):
     untouched slices (slice score: the map's maximum). "by_size" and "by_contrast": pixel
     figures over the lesioned slices of one bin (by_size also ">=10px", the two larger bins
     together), and slice AUROC of those against every
-    untouched slice."""
+    untouched slice. "by_kind": the same for each lesion kind drawn.
+    """
     per_slice = slice_scores(maps, regions)
     untouched = ~lesions.lesioned
 
@@ -146,4 +192,7 @@ def detection_figures(maps, lesions: LesionSet, regions, dice_threshold):
     result["by_size"][FROM_10PX] = figures(size_bin >= 1)
     signs = {"bright": lesions.contrasts > 0, "dark": lesions.contrasts < 0}
     result["by_contrast"] = {name: figures(signs[name]) for name in CONTRAST_BINS}
+    if lesions.kinds is not None:
+        drawn = [k for k in LESION_KINDS if (lesions.kinds == k).any()]
+        result["by_kind"] = {kind: figures(lesions.kinds == kind) for kind in drawn}
     return result

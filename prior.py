@@ -348,3 +348,13 @@ def heal_codes(model, codes, resample, cond=None, temperature=1.0, generator=Non
     if progress is not None:
         progress.update(height - last_row - 1)  # the rows below the last flag need nothing
     return healed
+
+
+@torch.no_grad()
+def most_likely_positions(prior, codes, n_conditions, batch_size=64):
+    """For each code grid, the slice position under which the prior finds it most likely."""
+    nll = torch.stack([torch.cat([code_nll(prior, codes[i:i + batch_size],
+                                           torch.full((len(codes[i:i + batch_size]),), c, device=codes.device))
+                                  .sum(dim=(1, 2)) for i in range(0, len(codes), batch_size)])
+                       for c in range(n_conditions)])
+    return nll.argmin(dim=0).cpu().numpy()

@@ -189,3 +189,27 @@ def check_image_size(image_size: int | None) -> None:
         raise DataError(f"--image-size must be a positive integer, got {image_size!r}")
 
 
+# --------------------------------------------------------------------------- a folder of one's own slices
+
+
+def image_files(folder):
+    """The PNG slices of a folder, by name; a one-line error where there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: --images folder not found")
+    files = sorted(path for path in folder.iterdir() if path.suffix.lower() == ".png" and path.is_file())
+    if not files:
+        raise DataError(f"{folder}: no PNG slices in the --images folder")
+    return files
+
+
+def read_mask(folder, image_path, image_size):
+    """The lesion mask (nonzero = lesion) of one slice, with its file name, at image_size (nearest)."""
+    path = Path(folder) / image_path.name
+    if not path.is_file():
+        raise DataError(f"{path}: no mask for {image_path.name} in the --masks folder")
+    with Image.open(path) as mask, Image.open(image_path) as image:
+        if mask.size != image.size:
+            raise DataError(f"{path}: mask is {mask.size[0]}x{mask.size[1]}, its slice {image.size[0]}x{image.size[1]}")
+        mask = Image.fromarray(np.asarray(mask.convert("L")) > 0)
+    return np.asarray(mask.resize((image_size, image_size), Image.NEAREST), dtype=bool)

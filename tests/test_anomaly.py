@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import anomaly
+import maps
 from brain import brain_region
 from checkpoint import load_prior, load_vqvae
 from dataset import load_split, load_split_tensor
-from lesions import LesionSet, detection_figures, make_lesion_set
+from lesions import RING_CORE, LesionSet, detection_figures, make_lesion_set
 from metrics import auroc, average_precision, best_dice, dice_at
 from prior import PixelCNNConfig, VerticalStacks, build_prior, heal_codes, sample_codes
 
@@ -35,16 +36,45 @@ def test_lesion_masks_match_what_was_drawn(slices_128):
             assert np.isnan(lesions.diameters[i]) and lesions.contrasts[i] == 0
             continue
         assert not (changed & (weights == 0)).any()  # nothing changed outside the lesion
-        np.testing.assert_allclose(drawn, np.clip(original + lesions.contrasts[i] * weights, 0, 1), atol=1e-6)
+        np.testing.assert_allclose(drawn, np.clip(original + lesions.nominal[i] * weights, 0, 1), atol=1e-6)
+        # the recorded contrast is what the slice got: the nominal one, less what clipping took
+        assert np.sign(lesions.contrasts[i]) == np.sign(lesions.nominal[i])
+        assert abs(lesions.contrasts[i]) <= abs(lesions.nominal[i]) + 1e-6
         core = lesions.masks[i]
         np.testing.assert_array_equal(core, weights >= 0.5)
         assert changed[core].mean() > 0.95  # the core is visible (only pixels already at 0 or 1 may stay)
         assert not (weights > 0)[~brain_region(original)].any()  # wholly inside the brain
-        assert 0.15 <= abs(lesions.contrasts[i]) <= 0.5
+        assert 0.15 <= abs(lesions.nominal[i]) <= 0.5
         # equivalent diameter in px at 256; a pixel at 128 is 2 px at 256
         assert 8 - 2 <= lesions.diameters[i] <= 24 * 1.2 + 2
         assert lesions.diameters[i] == pytest.approx(2 * np.sqrt(core.sum() / np.pi) * 2)
     assert (lesions.contrasts > 0).any() and (lesions.contrasts < 0).any()
+
+
+@pytest.mark.parametrize("kind", ["ring", "textured"])
+def test_other_lesion_kinds_differ_from_a_blob_in_edge_or_texture_but_not_in_extent(slices_128, kind):
+    blobs = make_lesion_set(slices_128, seed=3, size_range=(16, 24), lesioned_share=0.75)
+    others = make_lesion_set(slices_128, seed=3, size_range=(16, 24), lesioned_share=0.75, kinds=(kind,))
+    assert (others.kinds[others.lesioned] == kind).all() and (others.kinds[~others.lesioned] == "").all()
+    for i in np.flatnonzero(others.lesioned):
+        inside = others.masks[i]
+        np.testing.assert_array_equal(inside, blobs.masks[i])  # the same place and outline
+        assert not np.array_equal(others.weights[i], blobs.weights[i])
+        if kind == "ring":  # a sharp edge: full contrast right at the outline, a fainter core
+            assert set(np.unique(others.weights[i])) <= {0.0, np.float32(RING_CORE), 1.0}
+            assert others.weights[i][inside].max() == 1.0 and others.weights[i][inside].min() == np.float32(RING_CORE)
+        else:  # mottled where a blob is flat: its core, at full weight
+            core = blobs.weights[i] >= 0.999
+            if core.sum() >= 8:
+                assert blobs.weights[i][core].std() < 1e-3 and others.weights[i][core].std() > 0.1
+
+
+def test_the_figures_are_reported_for_each_kind(slices_128):
+    lesions = make_lesion_set(slices_128, seed=3, lesioned_share=0.75, kinds=("blob", "ring", "textured"))
+    regions = np.stack([brain_region(image) for image in lesions.images])
+    figures = detection_figures(lesions.weights, lesions, regions, 0.5)
+    assert set(figures["by_kind"]) == {"blob", "ring", "textured"}
+    assert sum(r["n_lesioned"] for r in figures["by_kind"].values()) == lesions.lesioned.sum()
 
 
 def test_lesions_are_deterministic_from_the_seed_and_leave_the_input_alone(slices_128):
@@ -172,40 +202,40 @@ def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combin
                         diameters=np.full(4, 9.0), contrasts=np.full(4, -0.5))
     regions = np.stack([brain_region(image) for image in images])
     assert regions[patch].all()
-    bench = anomaly.Benchmark("test", lesions, regions, regions, torch.as_tensor(slices.slice_idx), slices.slice_idx)
-    maps = anomaly.anomaly_maps(vqvae, prior, bench, 0.05, anomaly.AnomalyConfig(n_heal=2, combine=combine), "cpu")
+    bench = maps.Benchmark("test", lesions, regions, regions, torch.as_tensor(slices.slice_idx), slices.slice_idx)
+    found = maps.anomaly_maps(vqvae, prior, bench, 0.05, anomaly.AnomalyConfig(n_heal=2, combine=combine), "cpu")
 
     def contrast(scores):
         return scores[patch].mean() / scores[regions & ~patch].mean(), auroc(scores[regions], patch[regions])
 
     # background is easy to reconstruct, so the reconstruction error is the weakest here
-    assert contrast(maps.reconstruction)[0] > 1
-    assert contrast(maps.code_nll)[0] > 1.2 and contrast(maps.code_nll)[1] > 0.7
+    assert contrast(found.reconstruction)[0] > 1
+    assert contrast(found.code_nll)[0] > 1.2 and contrast(found.code_nll)[1] > 0.7
     # Healing: the patch stands out by a clear factor, and its mean outscores most untouched tissue.
     # Float32 models of seeds 0-4 gave ratio 2.2 to 6.3, AUROC 0.82 to 1.00 and a mean above 93 %
     # to 100 % of untouched pixels (the least: seed 0, the seed trained here); another CPU, training
     # in whatever --dtype auto picked there, gave ratios 1.99 (mean) and 1.75 (min). The bounds sit
     # well inside all of them.
-    ratio, separation = contrast(maps.healing)
-    outscored = (maps.healing[regions & ~patch] < maps.healing[patch].mean()).mean()
+    ratio, separation = contrast(found.healing)
+    outscored = (found.healing[regions & ~patch] < found.healing[patch].mean()).mean()
     assert ratio > 1.3 and separation > 0.7 and outscored > 0.8, (ratio, separation, outscored)
 
 
 def test_the_maps_leave_out_a_band_along_the_brains_edge():
     yy, xx = np.mgrid[:64, :64]
     disc = (yy - 32) ** 2 + (xx - 32) ** 2 < 20 ** 2
-    inner = anomaly.inner_regions(disc[None], 4.0)[0]
+    inner = maps.inner_regions(disc[None], 4.0)[0]
     assert abs(np.sqrt(inner.sum() / np.pi) - 16) < 0.6 and not (inner & ~disc).any()
-    assert (anomaly.inner_regions(disc[None], 0.0)[0] == disc).all()
+    assert (maps.inner_regions(disc[None], 0.0)[0] == disc).all()
 
     images = np.random.default_rng(0).uniform(0.2, 1.0, (1, 64, 64)).astype(np.float32)
     none = np.zeros((1, 64, 64), bool)
     lesions = LesionSet(images=images, weights=np.zeros_like(images), masks=none, lesioned=np.zeros(1, bool),
                         diameters=np.full(1, np.nan), contrasts=np.zeros(1))
-    bench = anomaly.Benchmark("test", lesions, disc[None], inner[None], None, np.zeros(1, int))
-    encoded = anomaly.Encoded(codes=None, nll=torch.ones(1, 8, 8), reconstructions=np.zeros_like(images))
+    bench = maps.Benchmark("test", lesions, disc[None], inner[None], None, np.zeros(1, int))
+    encoded = maps.Encoded(codes=None, nll=torch.ones(1, 8, 8), reconstructions=np.zeros_like(images))
     band = disc & ~inner
-    for scores in (anomaly.reconstruction_error_map(bench, encoded, 0.0), anomaly.code_nll_map(bench, encoded)):
+    for scores in (maps.reconstruction_error_map(bench, encoded, 0.0), maps.code_nll_map(bench, encoded)):
         assert (scores[0][band] == 0).all() and (scores[0][inner] > 0).all() and (scores[0][~disc] == 0).all()
 
 
@@ -222,39 +252,63 @@ def test_thresholds_are_chosen_on_validate_before_the_test_split_is_loaded(tiny_
         original = getattr(anomaly, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
-            splits = [a.split for a in args if isinstance(a, anomaly.Benchmark)]
+            splits = [a.split for a in args if isinstance(a, maps.Benchmark)]
             events.append((_name, args[1] if _name == "load_split_tensor" else splits[0]))
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(anomaly, name, spy)
     data_files = sorted(p.relative_to(tiny_models.data) for p in tiny_models.data.rglob("*"))
-    report = run_tiny(tiny_models, tmp_path, monkeypatch, "--threshold", "auto", "--threshold-grid", "0.02", "0.1")
+    report = run_tiny(tiny_models, tmp_path, monkeypatch, "--thresholds", "lesions", "--threshold", "auto",
+                      "--threshold-grid", "0.02", "0.1")
     assert events == [("load_split_tensor", "validate"), ("choose_heal_threshold", "validate"),
                       ("choose_dice_thresholds", "validate"), ("load_split_tensor", "test")]
-    assert report["heal_threshold"] in (0.02, 0.1) and set(report["threshold_search"]) == {"0.02", "0.1"}
+    assert report["heal_threshold"] in (0.02, 0.1) and set(report["validate"]["threshold_search"]) == {0.02, 0.1}
     assert sorted(p.relative_to(tiny_models.data) for p in tiny_models.data.rglob("*")) == data_files  # nothing written
 
 
 def test_the_run_writes_its_figure_and_the_promised_figures(tiny_models, tmp_path, monkeypatch):
-    run_tiny(tiny_models, tmp_path, monkeypatch, "--threshold", "0.05")
+    run_tiny(tiny_models, tmp_path, monkeypatch)
     out = tmp_path / "out"
     assert (out / "anomaly.png").is_file()
     report = json.loads((out / "anomaly_metrics.json").read_text())
     assert report["split"] == "test" and report["n_slices"] == 4 and report["n_lesioned"] == 2
-    assert report["heal_threshold"] == 0.05 and report["threshold_search"] == {}
-    for method in anomaly.METHODS:
+    assert report["thresholds_set_on"] == "healthy validate slices" and 0 < report["heal_threshold"] < 1
+    assert set(report["pixel_thresholds"]) == set(report["pixel_thresholds_tuned_on_lesions"]) == set(maps.METHODS)
+    for method in maps.METHODS:
         figures = report["methods"][method]
-        assert set(figures["all"]) >= {"pixel_auroc", "pixel_auprc", "dice", "slice_auroc"}
+        assert set(figures["all"]) >= {"pixel_auroc", "pixel_auprc", "dice", "slice_auroc", "best_possible_dice",
+                                       "dice_tuned_on_lesions"}
+        assert figures["all"]["best_possible_dice"] >= figures["all"]["dice"]
         assert set(figures["by_size"]) == {"<10px", "10-20px", ">=20px", ">=10px"}
         assert set(figures["by_contrast"]) == {"bright", "dark"}
         assert 0 <= figures["all"]["pixel_auroc"] <= 1
     assert report["test_maps_seconds"] > 0
 
 
+def test_a_fixed_threshold_tuned_on_lesions_is_used_as_given(tiny_models, tmp_path, monkeypatch):
+    report = run_tiny(tiny_models, tmp_path, monkeypatch, "--thresholds", "lesions", "--threshold", "0.05")
+    assert report["heal_threshold"] == 0.05 and report["validate"]["threshold_search"] == {}
+    assert report["thresholds_set_on"] == "validate lesions"
+
+
+def test_healthy_thresholds_see_no_lesion(tiny_models, tmp_path, monkeypatch):
+    seen = []
+    original = anomaly.healthy_thresholds
+
+    def spy(vqvae, prior, healthy, cfg, device):
+        seen.append((healthy.split, bool(healthy.lesions.lesioned.any()), bool(healthy.lesions.masks.any())))
+        return original(vqvae, prior, healthy, cfg, device)
+
+    monkeypatch.setattr(anomaly, "healthy_thresholds", spy)
+    run_tiny(tiny_models, tmp_path, monkeypatch)
+    assert seen == [("validate", False, False)]
+
+
 @pytest.mark.parametrize("flags", [["--threshold", "1.5"], ["--threshold", "often"], ["--threshold-grid", "0"],
                                    ["--lesion-size", "30", "4"], ["--lesion-size", "8"],
                                    ["--lesion-contrast", "0.2", "1.5"], ["--n-heal", "0"], ["--smooth", "-1"],
-                                   ["--edge-margin", "-2"], ["--combine", "max"],
+                                   ["--edge-margin", "-2"], ["--combine", "max"], ["--fpr", "0"],
+                                   ["--heal-share", "1.5"], ["--threshold", "0.05"], ["--thresholds", "some"],
                                    ["--vqvae", "missing.pt"]])
 def test_a_bad_flag_gets_a_one_line_error(flags, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no checkpoint or data set of the working tree in reach

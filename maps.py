@@ -1,0 +1,143 @@
+"""Anomaly maps of slices from a trained VQ-VAE and its prior: the reconstruction error, the
+prior's per-code NLL, and healing (Pinaya et al., Medical Image Analysis 2022): the codes the prior
+finds unlikely are drawn afresh from it, each given the codes before it, the healed codes are
+decoded, and the slice's difference from its healed versions, where codes were healed, is the
+map. Every map is masked to the brain less a band along its edge. No I/O."""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt, gaussian_filter
+from tqdm import tqdm
+
+from lesions import LesionSet
+from prior import code_nll, heal_codes
+from slices import NATIVE_SIZE
+from vqvae import decode_all
+
+METHODS = ("reconstruction", "code_nll", "healing")
+METHOD_NAMES = {"reconstruction": "reconstruction error", "code_nll": "code NLL", "healing": "healing"}
+
+
+@dataclass
+class Benchmark:
+    """Slices as the detector sees them, with their ground truth (lesions: drawn ones, a user's
+    masks, or none)."""
+    split: str
+    lesions: LesionSet
+    regions: np.ndarray        # bool (N, H, W): the brain of each slice, where maps are scored
+    inner: np.ndarray          # bool (N, H, W): the brain less the band along its edge, where maps are drawn
+    cond: torch.Tensor | None  # the slice positions the prior is conditioned on (None: unconditioned)
+    slice_idx: np.ndarray
+
+
+def inner_regions(regions, margin):
+    """Each region less the band within `margin` px of its edge."""
+    if margin <= 0:
+        return regions
+    return np.stack([distance_transform_edt(region) > margin for region in regions])
+
+
+# ----------------------------------------------------------------------------- maps
+
+@dataclass
+class Encoded:
+    codes: torch.Tensor           # (N, h, w) on the device
+    nll: torch.Tensor             # (N, h, w): -log p(code | codes before it), nats
+    reconstructions: np.ndarray   # (N, H, W): the decoded codes
+
+
+@torch.no_grad()
+def encode(vqvae, prior, bench: Benchmark, device, batch_size=64):
+    images = torch.from_numpy(bench.lesions.images)[:, None]
+    codes = torch.cat([vqvae.encode_to_indices(images[i:i + batch_size].to(device))
+                       for i in range(0, len(images), batch_size)])
+    nll = torch.cat([code_nll(prior, codes[i:i + batch_size], None if bench.cond is None else
+                              bench.cond[i:i + batch_size]) for i in range(0, len(codes), batch_size)])
+    return Encoded(codes, nll, decode_all(vqvae, codes)[:, 0].numpy())
+
+
+def smooth(maps, sigma_at_256):
+    """Gaussian smoothing of each map (N, H, W); sigma in px at 256 x 256, scaled to the maps."""
+    sigma = sigma_at_256 * maps.shape[-1] / NATIVE_SIZE
+    return gaussian_filter(maps, (0, sigma, sigma)) if sigma > 0 else maps
+
+
+def upsample(grids, size, mode):
+    """Code grids (N, h, w) -> (N, size, size) numpy."""
+    return F.interpolate(grids[:, None].float().cpu(), size=(size, size), mode=mode)[:, 0].numpy()
+
+
+def reconstruction_error_map(bench: Benchmark, encoded: Encoded, sigma):
+    """The baseline: |slice - reconstruction|, smoothed, in the brain less its edge band."""
+    return smooth(np.abs(bench.lesions.images - encoded.reconstructions), sigma) * bench.inner
+
+
+def code_nll_map(bench: Benchmark, encoded: Encoded):
+    """The prior's per-code NLL, upsampled bilinearly to the image, in the brain less its edge band."""
+    return upsample(encoded.nll, bench.regions.shape[-1], "bilinear") * bench.inner
+
+
+@torch.no_grad()
+def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, batch_size, seed, device, combine):
+    """Heal every slice n_heal times -> (|slice - healed| (N, H, W) combined over the healed versions by
+    `combine`, mean healed slice, flags).
+
+    The n_heal copies of every slice are healed together, batch_size code grids at a time."""
+    flagged = encoded.nll > -math.log(threshold)
+    owners = torch.arange(len(encoded.codes), device=device).repeat_interleave(n_heal)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunks = [owners[i:i + batch_size] for i in range(0, len(owners), batch_size)]
+    healed = []
+    with tqdm(total=encoded.codes.shape[1] * len(chunks), desc=f"healing {bench.split}", leave=False) as bar:
+        for who in chunks:
+            cond = bench.cond[who] if bench.cond is not None else None
+            codes = heal_codes(prior, encoded.codes[who], flagged[who], cond, generator=generator, progress=bar)
+            healed.append(decode_all(vqvae, codes)[:, 0].numpy())
+    images = bench.lesions.images
+    healed = np.concatenate(healed).reshape(len(images), n_heal, *images.shape[1:])
+    differences = np.abs(images[:, None] - healed)
+    combined = differences.min(axis=1) if combine == "min" else differences.mean(axis=1)
+    return combined, healed.mean(axis=1), flagged
+
+
+def healing_map(bench: Benchmark, differences, flagged, sigma):
+    """The difference from the healed slices, smoothed, where codes were healed: weighted by the
+    map of flagged codes, upsampled and smoothed over about a code cell (Pinaya et al. filter
+    their residuals by the resampling mask so), in the brain less its edge band."""
+    size = bench.regions.shape[-1]
+    cell = size / flagged.shape[-1]
+    where_healed = gaussian_filter(upsample(flagged, size, "nearest"), (0, cell / 2, cell / 2))
+    return smooth(differences, sigma) * where_healed * bench.inner
+
+
+@dataclass
+class Maps:
+    reconstruction: np.ndarray
+    code_nll: np.ndarray
+    healing: np.ndarray
+    healed: np.ndarray            # the mean healed slice, for the figure
+    healed_share: float           # share of the codes in the brain that were healed
+
+
+def code_regions(regions, grid_side):
+    """The codes whose cells lie mostly in the regions (N, H, W) -> bool (N, grid_side, grid_side)."""
+    return upsample(torch.from_numpy(regions), grid_side, "area") > 0.5
+
+
+def anomaly_maps(vqvae, prior, bench: Benchmark, threshold, cfg, device, encoded=None):
+    """The three maps of a benchmark's slices, healing the codes rarer than `threshold`; cfg: the
+    map settings of anomaly.AnomalyConfig (n_heal, batch_size, seed, combine, smooth); `encoded`
+    saves encoding the slices again."""
+    if encoded is None:
+        encoded = encode(vqvae, prior, bench, device)
+    differences, healed, flagged = heal(vqvae, prior, bench, encoded, threshold, cfg.n_heal, cfg.batch_size,
+                                        cfg.seed, device, cfg.combine)
+    grid_regions = code_regions(bench.regions, flagged.shape[-1])
+    return Maps(reconstruction_error_map(bench, encoded, cfg.smooth), code_nll_map(bench, encoded),
+                healing_map(bench, differences, flagged, cfg.smooth), healed,
+                float(flagged.cpu().numpy()[grid_regions].mean()) if grid_regions.any() else 0.0)
+
+
