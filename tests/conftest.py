@@ -1,5 +1,5 @@
 """Fixtures every test module shares: tiny flag sets, a tiny demo set, a tiny VQ-VAE and prior
-trained once per session, and small helpers. Test modules take these as fixtures; none imports
+trained once per test run, and small helpers. Test modules take these as fixtures; none imports
 another test module (nor this one)."""
 import dataclasses
 from pathlib import Path
@@ -56,7 +56,7 @@ def tiny_demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_demo, tiny_flags):
-    """A tiny VQ-VAE and prior trained once per session on tiny_demo, as a user trains them
+    """A tiny VQ-VAE and prior trained once per test run on tiny_demo, as a user trains them
     (train.py, then pixelcnn.py, in their own working directory), in float32.
 
     Batch 2 gives 4 steps an epoch; these epochs take seconds and give reconstructions that

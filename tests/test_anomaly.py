@@ -317,3 +317,21 @@ def test_a_bad_flag_gets_a_one_line_error(flags, tmp_path, monkeypatch, capsys):
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and len(error.splitlines()) == 1
+
+
+def test_too_few_validate_slices_for_a_lesion_is_refused_not_scored_as_zero(tiny_models, tmp_path, monkeypatch,
+                                                                             capsys):
+    with pytest.raises(SystemExit) as stop:  # one slice, half of it lesioned, rounds to no lesion at all
+        run_tiny(tiny_models, tmp_path, monkeypatch, "--thresholds", "lesions", "--val-slices", "1")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert err.startswith("error: validate:") and "--val-slices" in err
+
+
+def test_a_threshold_chosen_at_the_edge_of_the_grid_is_said_and_no_infinity_reaches_json(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    run_tiny(tiny_models, tmp_path, monkeypatch, "--thresholds", "lesions", "--threshold-grid", "0.02", "0.1")
+    assert "at the edge of --threshold-grid" in capsys.readouterr().out
+    json.loads((tmp_path / "out" / "anomaly_metrics.json").read_text(),
+               parse_constant=lambda name: pytest.fail(f"{name} in anomaly_metrics.json"))
+    assert anomaly.without_nan({"a": [float("inf"), float("nan"), 1.0]}) == {"a": [None, None, 1.0]}

@@ -171,7 +171,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
 
 def test_resuming_with_other_model_settings_names_them(tmp_path, tiny_demo, tiny_models, vqvae_configs, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the split cache goes here
-    (tmp_path / "ck").mkdir()  # a copy: the session's models stay as they are
+    (tmp_path / "ck").mkdir()  # a copy: the shared tiny models stay as they are
     shutil.copy(tiny_models.vqvae.with_name("vqvae_last.pt"), tmp_path / "ck" / "vqvae_last.pt")
     cfg, model_cfg = vqvae_configs(tmp_path, tiny_demo, "--epochs", "2", "--resume", "--num-codes", "32")
     with pytest.raises(CheckpointError, match="num_codes: 16 there, 32 here"):
