@@ -120,8 +120,8 @@ def masks_as_lesions(images, masks):
 
 def achieved_contrast(original, lesioned, weights):
     """The intensity change per unit of lesion weight that a slice actually got (0 where none)."""
-    total = float(weights.sum())
-    return float(((lesioned - original) * weights).sum() / float((weights * weights).sum())) if total else 0.0
+    energy = float((weights * weights).sum())  # the least-squares fit of lesioned - original = c * weights
+    return float(((lesioned - original) * weights).sum() / energy) if energy else 0.0
 
 
 def make_lesion_set(images, seed, size_range=(4.0, 32.0), contrast_range=(0.15, 0.5), lesioned_share=0.5,
