@@ -50,7 +50,7 @@ from lesions import (CONTRAST_BINS, FROM_10PX, LESION_KINDS, SIZE_BINS, LesionSe
                      masks_as_lesions, pixel_figures, slice_scores)
 from maps import METHOD_NAMES, METHODS, Benchmark, Maps, anomaly_maps, code_regions, encode, inner_regions
 from metrics import auroc, average_precision, best_dice, dice_at
-from prior import most_likely_positions, slice_conditions
+from prior import Priors, most_likely_positions, slice_conditions
 from slices import NATIVE_SIZE, image_files, parse_slice_name, read_mask, read_slice
 from vqvae import encode_all, to_unit
 
@@ -177,15 +177,15 @@ def pixel_auprc(maps, bench: Benchmark):
     return average_precision(maps[bench.regions], bench.lesions.masks[bench.regions])
 
 
-def choose_heal_threshold(vqvae, prior, bench: Benchmark, cfg: AnomalyConfig, device):
+def choose_heal_threshold(vqvae, priors, bench: Benchmark, cfg: AnomalyConfig, device):
     """-> (threshold, its validate maps, {candidate: validate pixel AUPRC} for auto, else {})."""
     fixed = heal_threshold(cfg.threshold)
-    encoded = encode(vqvae, prior, bench, device)
+    encoded = encode(vqvae, priors, bench, device)
     if fixed is not None:
-        return fixed, anomaly_maps(vqvae, prior, bench, fixed, cfg, device, encoded), {}
+        return fixed, anomaly_maps(vqvae, priors, bench, fixed, cfg, device, encoded), {}
     tried, best, best_maps = {}, None, None
     for candidate in sorted(cfg.threshold_grid):
-        maps = anomaly_maps(vqvae, prior, bench, candidate, cfg, device, encoded)
+        maps = anomaly_maps(vqvae, priors, bench, candidate, cfg, device, encoded)
         tried[candidate] = pixel_auprc(maps.healing, bench)
         print(f"  threshold {candidate:g}: {maps.healed_share:.1%} of the brain's codes healed, "
               f"validate pixel AUPRC {tried[candidate]:.3f}")
@@ -198,15 +198,15 @@ def choose_heal_threshold(vqvae, prior, bench: Benchmark, cfg: AnomalyConfig, de
     return best, best_maps, tried
 
 
-def healthy_thresholds(vqvae, prior, healthy: Benchmark, cfg: AnomalyConfig, device):
+def healthy_thresholds(vqvae, priors, healthy: Benchmark, cfg: AnomalyConfig, device):
     """Thresholds from slices without lesions alone: heal the codes rarer than cfg.heal_share of
     the healthy brain codes, and give each map the pixel threshold that cfg.fpr of the healthy
     brain pixels exceed. -> (heal threshold, {method: pixel threshold}). Reads no mask."""
-    encoded = encode(vqvae, prior, healthy, device)
+    encoded = encode(vqvae, priors, healthy, device)
     brain_codes = code_regions(healthy.regions, encoded.nll.shape[-1])
     nll = encoded.nll.cpu().numpy()[brain_codes]
     threshold = math.exp(-float(np.quantile(nll, 1 - cfg.heal_share)))
-    maps = anomaly_maps(vqvae, prior, healthy, threshold, cfg, device, encoded)
+    maps = anomaly_maps(vqvae, priors, healthy, threshold, cfg, device, encoded)
     return threshold, {m: float(np.quantile(getattr(maps, m)[healthy.regions], 1 - cfg.fpr)) for m in METHODS}
 
 
@@ -289,10 +289,10 @@ def save_examples(bench: Benchmark, maps: Maps, path):
 def run_anomaly(cfg: AnomalyConfig):
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
-    vqvae, vq_ckpt, prior, prior_ckpt = load_trained_pair(cfg, device)
+    vqvae, vq_ckpt, prior, prior_ckpt, detail = load_trained_pair(cfg, device)
     image_size, n_conditions = image_size_of(vq_ckpt), prior_ckpt["model_config"]["n_conditions"]
     root = resolve_data_root(cfg.data)
-    models = (vqvae, prior, image_size, n_conditions, device)
+    models = (vqvae, Priors(prior, detail), image_size, n_conditions, device)
     if cfg.images:
         return run_on_images(cfg, root, models)
     return run_benchmark(cfg, root, models)
@@ -301,19 +301,19 @@ def run_anomaly(cfg: AnomalyConfig):
 def set_thresholds(cfg: AnomalyConfig, root, models):
     """-> (heal threshold, {method: pixel threshold}, what they were set on, validate figures or None,
     seconds): from healthy validate slices (the default), or tuned on validate lesions."""
-    vqvae, prior, image_size, n_conditions, device = models
+    vqvae, priors, image_size, n_conditions, device = models
     started = time.perf_counter()
     if cfg.thresholds == "healthy":
         healthy = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device,
                                    lesioned_share=0.0)
-        threshold, pixel = healthy_thresholds(vqvae, prior, healthy, cfg, device)
+        threshold, pixel = healthy_thresholds(vqvae, priors, healthy, cfg, device)
         print(f"set on {len(healthy.slice_idx)} healthy validate slices: heal codes below probability "
               f"{threshold:.3g} (the rarest {cfg.heal_share:g} of healthy brain codes); pixel thresholds at "
               f"--fpr {cfg.fpr:g}")
         return threshold, pixel, "healthy validate slices", None, time.perf_counter() - started
     val = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device)
     print(f"validate: {len(val.slice_idx)} slices, {val.lesions.lesioned.sum()} with a lesion")
-    threshold, val_maps, tried = choose_heal_threshold(vqvae, prior, val, cfg, device)
+    threshold, val_maps, tried = choose_heal_threshold(vqvae, priors, val, cfg, device)
     pixel = choose_dice_thresholds(val_maps, val)
     figures = {m: detection_figures(getattr(val_maps, m), val.lesions, val.regions, pixel[m]) for m in METHODS}
     return threshold, pixel, "validate lesions", {"methods": figures, "threshold_search": tried}, \
@@ -321,17 +321,17 @@ def set_thresholds(cfg: AnomalyConfig, root, models):
 
 
 def run_benchmark(cfg: AnomalyConfig, root, models):
-    vqvae, prior, image_size, n_conditions, device = models
+    vqvae, priors, image_size, n_conditions, device = models
     threshold, pixel, set_on, validate, validate_seconds = set_thresholds(cfg, root, models)
     tuned = pixel
     if cfg.thresholds == "healthy":  # beside them, as a reference: pixel thresholds tuned on validate lesions
         val = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device)
-        tuned = choose_dice_thresholds(anomaly_maps(vqvae, prior, val, threshold, cfg, device), val)
+        tuned = choose_dice_thresholds(anomaly_maps(vqvae, priors, val, threshold, cfg, device), val)
 
     # the test split is loaded only now, after every threshold is fixed
     test = lesion_benchmark(root, "test", image_size, cfg.max_slices, cfg.seed + 1, cfg, n_conditions, device)
     started = time.perf_counter()
-    maps = anomaly_maps(vqvae, prior, test, threshold, cfg, device)
+    maps = anomaly_maps(vqvae, priors, test, threshold, cfg, device)
     test_seconds = time.perf_counter() - started
     best = best_possible_dice(maps, test)
     results = {}
@@ -357,7 +357,7 @@ def run_benchmark(cfg: AnomalyConfig, root, models):
     return report
 
 
-def slice_positions(files, cfg: AnomalyConfig, n_conditions, vqvae, prior, images, device):
+def slice_positions(files, cfg: AnomalyConfig, n_conditions, vqvae, priors, images, device):
     """Each slice's position for the prior -> (positions, where they came from)."""
     if not n_conditions:
         return np.zeros(len(files), dtype=np.int64), "none (the prior is not conditioned)"
@@ -367,7 +367,8 @@ def slice_positions(files, cfg: AnomalyConfig, n_conditions, vqvae, prior, image
         return np.array([parse_slice_name(f.name)[1] for f in files]), "the OASIS file names"
     except DataError:
         codes = encode_all(vqvae, torch.from_numpy(np.rint(images * 255).astype(np.uint8))[:, None].to(device))
-        return most_likely_positions(prior, codes, n_conditions), "inferred: the position the prior finds most likely"
+        return (most_likely_positions(priors.coarse, codes, n_conditions),
+                "inferred: the position the prior finds most likely")
 
 
 def save_overlay(path, image, anomaly_map, threshold):
@@ -382,16 +383,16 @@ def save_overlay(path, image, anomaly_map, threshold):
 def run_on_images(cfg: AnomalyConfig, root, models):
     """Maps of a folder of the user's slices, thresholds set on --data's validate slices; scored
     against --masks where given (the maps never see them)."""
-    vqvae, prior, image_size, n_conditions, device = models
+    vqvae, priors, image_size, n_conditions, device = models
     files = image_files(cfg.images)
     threshold, pixel, set_on, _, _ = set_thresholds(cfg, root, models)
     images = np.stack([read_slice(f, image_size) for f in files]).astype(np.float32) / 255
     masks = (np.stack([read_mask(cfg.masks, f, image_size) for f in files]) if cfg.masks
              else np.zeros(images.shape, dtype=bool))
-    positions, source = slice_positions(files, cfg, n_conditions, vqvae, prior, images, device)
+    positions, source = slice_positions(files, cfg, n_conditions, vqvae, priors, images, device)
     print(f"{len(files)} slices from {cfg.images} at {image_size}x{image_size}; slice positions: {source}")
     bench = slices_to_map("images", masks_as_lesions(images, masks), positions, cfg, n_conditions, device)
-    maps = anomaly_maps(vqvae, prior, bench, threshold, cfg, device)
+    maps = anomaly_maps(vqvae, priors, bench, threshold, cfg, device)
 
     out_dir = Path(cfg.out_dir)
     rows = ["file,slice_position," + ",".join(f"{m}_score" for m in METHODS) + ",healing_pixels_above_threshold"

@@ -48,6 +48,8 @@ class TrainedModels:
     """The flags of a script that uses a trained VQ-VAE and its prior."""
     vqvae: str = opt("checkpoints/vqvae_best.pt", "VQ-VAE checkpoint from train.py")
     prior: str = opt("checkpoints/pixelcnn_best.pt", "PixelCNN checkpoint from pixelcnn.py")
+    detail_prior: str = opt("", "a two-level VQ-VAE's detail prior from pixelcnn.py; empty = "
+                                "pixelcnn_detail_best.pt beside --prior")
     allow_unpaired: bool = opt(False, "decode the prior's codes even with a VQ-VAE it was not fit to (its codes "
                                       "then mean other pictures); without it such a pair is refused")
 
@@ -99,8 +101,10 @@ def load_weights(model, ckpt, path):
 
 
 def check_same_config(path, saved, config):
-    """Refuse to resume into a model built differently, naming what differs."""
+    """Refuse to resume into a model built differently, naming what differs. A setting that an
+    older checkpoint does not record had its default then."""
     wanted = dataclasses.asdict(config)
+    saved = {**dataclasses.asdict(type(config)()), **saved}
     changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in changed)
@@ -126,11 +130,12 @@ def load_prior(path, device):
 
 
 def vqvae_fingerprint(vqvae_ckpt):
-    """A digest of what turns a prior's codes into pictures: the VQ-VAE's codebook and decoder
-    weights. Two VQ-VAEs with the same fingerprint decode every code grid alike."""
+    """A digest of what turns a prior's codes into pictures: the VQ-VAE's codebooks and decoder
+    weights (with two levels, all of the coarse level's too). Two VQ-VAEs with the same
+    fingerprint decode every code grid alike."""
     digest = hashlib.sha256()
     for name, tensor in sorted(vqvae_ckpt["model"].items()):
-        if name == "quantizer.codebook" or name.startswith("decoder."):
+        if name == "quantizer.codebook" or name.startswith(("decoder.", "top.")):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -154,11 +159,21 @@ def check_pairing(prior_ckpt, prior_path, vqvae_ckpt, vqvae_path, allow_unpaired
 
 def load_trained_pair(models: TrainedModels, device):
     """The VQ-VAE and the prior that --vqvae and --prior name, checked to belong together:
-    (vqvae, its checkpoint, prior, its checkpoint)."""
+    (vqvae, its checkpoint, prior, its checkpoint, detail prior). The detail prior is None for
+    a one-level VQ-VAE; for a two-level one it is --detail-prior, checked the same way."""
     vqvae, vqvae_ckpt = load_vqvae(models.vqvae, device)
     prior, prior_ckpt = load_prior(models.prior, device)
     check_pairing(prior_ckpt, models.prior, vqvae_ckpt, models.vqvae, models.allow_unpaired)
-    return vqvae, vqvae_ckpt, prior, prior_ckpt
+    if vqvae.cfg.levels == 1:
+        return vqvae, vqvae_ckpt, prior, prior_ckpt, None
+    detail_path = models.detail_prior or str(Path(models.prior).with_name("pixelcnn_detail_best.pt"))
+    detail, detail_ckpt = load_prior(detail_path, device)
+    if not detail.cfg.context_codes or prior.cfg.context_codes:
+        raise CheckpointError(f"{models.prior} must be the coarse codes' prior and {detail_path} the detail prior "
+                              f"of {models.vqvae}; pixelcnn.py writes them as pixelcnn_best.pt and "
+                              f"pixelcnn_detail_best.pt")
+    check_pairing(detail_ckpt, detail_path, vqvae_ckpt, models.vqvae, models.allow_unpaired)
+    return vqvae, vqvae_ckpt, prior, prior_ckpt, detail
 
 
 @contextlib.contextmanager

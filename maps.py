@@ -2,7 +2,9 @@
 prior's per-code NLL, and healing (Pinaya et al., Medical Image Analysis 2022): the codes the prior
 finds unlikely are drawn afresh from it, each given the codes before it, the healed codes are
 decoded, and the slice's difference from its healed versions, where codes were healed, is the
-map. Every map is masked to the brain less a band along its edge. No I/O."""
+map. With a two-level VQ-VAE the prior judges and heals the coarse codes, and the detail prior
+redraws the fine codes under each healed one. Every map is masked to the brain less a band along
+its edge. No I/O."""
 import math
 from dataclasses import dataclass
 
@@ -13,7 +15,7 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
 from lesions import LesionSet
-from prior import code_nll, heal_codes
+from prior import Priors, code_nll, heal_codes
 from slices import NATIVE_SIZE
 from vqvae import decode_all
 
@@ -44,19 +46,21 @@ def inner_regions(regions, margin):
 
 @dataclass
 class Encoded:
-    codes: torch.Tensor           # (N, h, w) on the device
+    codes: torch.Tensor           # (N, h, w) on the device: the coarsest codes, which the prior models
     nll: torch.Tensor             # (N, h, w): -log p(code | codes before it), nats
     reconstructions: np.ndarray   # (N, H, W): the decoded codes
+    fine: torch.Tensor | None = None  # (N, 2h, 2w): a two-level VQ-VAE's fine codes
 
 
 @torch.no_grad()
-def encode(vqvae, prior, bench: Benchmark, device, batch_size=64):
+def encode(vqvae, priors: Priors, bench: Benchmark, device, batch_size=64):
     images = torch.from_numpy(bench.lesions.images)[:, None]
-    codes = torch.cat([vqvae.encode_to_indices(images[i:i + batch_size].to(device))
-                       for i in range(0, len(images), batch_size)])
-    nll = torch.cat([code_nll(prior, codes[i:i + batch_size], None if bench.cond is None else
+    levels = [torch.cat(level) for level in zip(*(vqvae.encode_levels(images[i:i + batch_size].to(device))
+                                                  for i in range(0, len(images), batch_size)))]
+    codes = levels[0]
+    nll = torch.cat([code_nll(priors.coarse, codes[i:i + batch_size], None if bench.cond is None else
                               bench.cond[i:i + batch_size]) for i in range(0, len(codes), batch_size)])
-    return Encoded(codes, nll, decode_all(vqvae, codes)[:, 0].numpy())
+    return Encoded(codes, nll, decode_all(vqvae, levels)[:, 0].numpy(), levels[1] if len(levels) == 2 else None)
 
 
 def smooth(maps, sigma_at_256):
@@ -81,7 +85,20 @@ def code_nll_map(bench: Benchmark, encoded: Encoded):
 
 
 @torch.no_grad()
-def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, batch_size, seed, device, combine):
+def heal_levels(priors: Priors, encoded: Encoded, who, flagged, cond, generator, progress):
+    """The flagged coarse codes of the slices `who` healed; with a detail prior, the fine codes
+    under every flagged coarse code drawn afresh too, given the healed coarse codes (else the
+    fine codes would redraw what was healed away). -> the code grids of every level."""
+    codes = heal_codes(priors.coarse, encoded.codes[who], flagged[who], cond, generator=generator, progress=progress)
+    if priors.detail is None:
+        return [codes]
+    under = flagged[who].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    return [codes, heal_codes(priors.detail, encoded.fine[who], under, codes, generator=generator)]
+
+
+@torch.no_grad()
+def heal(vqvae, priors: Priors, bench: Benchmark, encoded: Encoded, threshold, n_heal, batch_size, seed, device,
+         combine):
     """Heal every slice n_heal times -> (|slice - healed| (N, H, W) combined over the healed versions by
     `combine`, mean healed slice, flags).
 
@@ -94,7 +111,7 @@ def heal(vqvae, prior, bench: Benchmark, encoded: Encoded, threshold, n_heal, ba
     with tqdm(total=encoded.codes.shape[1] * len(chunks), desc=f"healing {bench.split}", leave=False) as bar:
         for who in chunks:
             cond = bench.cond[who] if bench.cond is not None else None
-            codes = heal_codes(prior, encoded.codes[who], flagged[who], cond, generator=generator, progress=bar)
+            codes = heal_levels(priors, encoded, who, flagged, cond, generator, bar)
             healed.append(decode_all(vqvae, codes)[:, 0].numpy())
     images = bench.lesions.images
     healed = np.concatenate(healed).reshape(len(images), n_heal, *images.shape[1:])
@@ -127,13 +144,13 @@ def code_regions(regions, grid_side):
     return upsample(torch.from_numpy(regions), grid_side, "area") > 0.5
 
 
-def anomaly_maps(vqvae, prior, bench: Benchmark, threshold, cfg, device, encoded=None):
+def anomaly_maps(vqvae, priors: Priors, bench: Benchmark, threshold, cfg, device, encoded=None):
     """The three maps of a benchmark's slices, healing the codes rarer than `threshold`; cfg: the
     map settings of anomaly.AnomalyConfig (n_heal, batch_size, seed, combine, smooth); `encoded`
     saves encoding the slices again."""
     if encoded is None:
-        encoded = encode(vqvae, prior, bench, device)
-    differences, healed, flagged = heal(vqvae, prior, bench, encoded, threshold, cfg.n_heal, cfg.batch_size,
+        encoded = encode(vqvae, priors, bench, device)
+    differences, healed, flagged = heal(vqvae, priors, bench, encoded, threshold, cfg.n_heal, cfg.batch_size,
                                         cfg.seed, device, cfg.combine)
     grid_regions = code_regions(bench.regions, flagged.shape[-1])
     return Maps(reconstruction_error_map(bench, encoded, cfg.smooth), code_nll_map(bench, encoded),

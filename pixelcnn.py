@@ -9,6 +9,8 @@ Encodes the train and validate splits with checkpoints/vqvae_best.pt, trains wit
 cross-entropy, and reports validation negative log-likelihood in bits per code beside
 two baselines: uniform (log2 of the codebook size) and the code-frequency entropy.
 Keeps checkpoints/pixelcnn_last.pt and the best-by-validation-NLL checkpoints/pixelcnn_best.pt.
+For a two-level VQ-VAE that prior models the coarse codes, and a detail prior, trained next,
+the fine codes given the coarse ones: checkpoints/pixelcnn_detail_{last,best}.pt.
 """
 import dataclasses
 import math
@@ -21,16 +23,17 @@ import torch.nn.functional as F
 
 from bench import BenchmarkConfig, report, time_steps, train_or_benchmark
 from bench import prepare as prepare_benchmark
-from checkpoint import (RunState, check_pairing, checkpoint_payload, image_size_of, load_vqvae, resume_run, run_lock,
-                        save_checkpoint, vqvae_fingerprint)
+from checkpoint import (RunState, check_pairing, checkpoint_payload, image_size_of, load_checkpoint, load_vqvae,
+                        resume_run, run_lock, save_checkpoint, vqvae_fingerprint)
 from cli import opt, parse_configs
 from dataset import load_split_tensor, resolve_data_root
+from errors import FlagError
 from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, synchronize,
                       use_fast_math, wrap_for_ranks)
 from prior import PixelCNNConfig, build_prior, rows_per_layer, rows_seen_above, sample_codes, slice_conditions
 from training import (EpochLosses, StopFlag, TimeBudget, WarmupCosine, apply_time_budget, epoch_bar, epoch_order,
                       loss_line, make_adam, my_batch, save_when_due_or_stopping, steps_per_epoch)
-from vqvae import encode_all
+from vqvae import encode_all_levels
 
 LN2 = math.log(2)
 
@@ -54,7 +57,16 @@ class PriorTrainConfig:
                              "device has fast bf16 kernels (CUDA, CPUs with AVX-512 BF16), float32 elsewhere",
                      choices=["auto", "float32", "bfloat16"])
     vflip: bool = opt(False, "augment with the codes of training slices flipped top-bottom (left-right "
-                             "hemispheres) for a random half of each batch")
+                             "hemispheres) for a random half of each batch (the coarsest codes' prior only)")
+    level: str = opt("all", "which priors to train for a two-level VQ-VAE: all, coarse (over the coarse codes, "
+                            "what --hidden, --n-layers, --kernel and --minutes set) or detail (the fine codes "
+                            "given the coarse ones)", choices=["all", "coarse", "detail"])
+    detail_hidden: int = opt(32, "channels of the detail prior", minimum=1)
+    detail_layers: int = opt(6, "gated layers of the detail prior: it sees the coarse codes everywhere, so "
+                                "a few rows above each fine code suffice", minimum=1)
+    detail_kernel: int = opt(5, "kernel width of the detail prior's gated layers (odd)", minimum=3)
+    detail_minutes: float = opt(10.0, "time budget of the detail prior's training, as --minutes is the coarse "
+                                     "prior's; 0 = all --epochs")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
     checkpoint_dir: str = opt("checkpoints", "where pixelcnn_last.pt and pixelcnn_best.pt go")
@@ -90,12 +102,27 @@ def default_preset(args):
 
 
 def encode_split(vqvae, root, split, image_size, device, progress=True, flipped=False):
-    """Code indices and slice positions of a split; with flipped, also the codes of every slice
-    flipped top-bottom (None without)."""
+    """The code indices of every level (coarse first) and the slice positions of a split; with
+    flipped, also the codes of every slice flipped top-bottom (None without)."""
     images_u8, slices = load_split_tensor(root, split, image_size, device, progress=progress)
     # Codes are not flip-equivariant: the flipped slice is encoded, not the flipped code grid.
-    flipped_codes = encode_all(vqvae, images_u8.flip(2)) if flipped else None
-    return encode_all(vqvae, images_u8), torch.as_tensor(slices.slice_idx, device=device), flipped_codes
+    flipped_codes = encode_all_levels(vqvae, images_u8.flip(2)) if flipped else None
+    return encode_all_levels(vqvae, images_u8), torch.as_tensor(slices.slice_idx, device=device), flipped_codes
+
+
+def what_to_model(levels, slice_idx, model_cfg: PixelCNNConfig):
+    """(codes, conditions) of one split for a prior: the coarsest codes given slice positions, or
+    for a detail prior the fine codes given the coarse ones."""
+    if model_cfg.context_codes:
+        return levels[1], levels[0]
+    return levels[0], slice_conditions(slice_idx, model_cfg.n_conditions)
+
+
+def detail_config(model_cfg: PixelCNNConfig, cfg: PriorTrainConfig, num_codes, grid_size):
+    """The detail prior's settings: the --detail-* flags, conditioned on the coarse codes alone."""
+    return dataclasses.replace(model_cfg, kind="gated", hidden=cfg.detail_hidden, n_layers=cfg.detail_layers,
+                               kernel=cfg.detail_kernel, n_conditions=0, context_codes=num_codes,
+                               num_codes=num_codes, grid_size=grid_size, dropout=0.0)
 
 
 def frequency_entropy_bits(codes, num_codes):
@@ -146,9 +173,22 @@ def train_step(model, forward, optimizer, scheduler, codes, cond, dtype):
 
 
 def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True, stop=None):
-    """Train the prior and return its history; raises as train.train does.
+    """Train the prior, and for a two-level VQ-VAE the detail prior after it (as --level says);
+    returns the history of the last one trained. Raises as train.train does."""
+    levels = load_checkpoint(cfg.vqvae, "vqvae", made_by="python train.py")["model_config"].get("levels", 1)
+    if levels == 1 and cfg.level == "detail":
+        raise FlagError(f"--level detail: {cfg.vqvae} has one code level, so there is no detail prior to train")
+    details = {"all": [False, True], "coarse": [False], "detail": [True]}[cfg.level] if levels == 2 else [False]
+    for detail in details:
+        history = train_one_prior(cfg, model_cfg, detail, progress, stop)
+    return history
+
+
+def train_one_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, detail, progress=True, stop=None):
+    """Train the prior (detail: the detail prior) and return its history.
     Started by torchrun, every process trains on its share of each batch."""
-    with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, "pixelcnn", ranks.main):
+    name = "pixelcnn_detail" if detail else "pixelcnn"
+    with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, name, ranks.main):
         progress = progress and ranks.main
         set_seed(cfg.seed)
         say = print_on_main(ranks)
@@ -156,14 +196,19 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
         use_fast_math(device, cfg.dtype)
         vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
         image_size = image_size_of(vq_ckpt)
-        model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
-                                        grid_size=image_size // 2 ** vqvae.cfg.n_downsample)
+        fine_grid = image_size // 2 ** vqvae.cfg.n_downsample
+        if detail:
+            model_cfg = detail_config(model_cfg, cfg, vqvae.cfg.num_codes, fine_grid)
+        else:
+            model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
+                                            grid_size=fine_grid // 2 ** (vqvae.cfg.levels - 1))
         root = resolve_data_root(cfg.data)
-        train_codes, train_slices, flipped_codes = encode_split(vqvae, root, "train", image_size, device, progress,
-                                                                flipped=cfg.vflip)
-        val_codes, val_slices, _ = encode_split(vqvae, root, "validate", image_size, device, progress)
-        train_cond = slice_conditions(train_slices, model_cfg.n_conditions)
-        val_cond = slice_conditions(val_slices, model_cfg.n_conditions)
+        train_levels, train_slices, flipped_levels = encode_split(vqvae, root, "train", image_size, device,
+                                                                  progress, flipped=cfg.vflip and not detail)
+        val_levels, val_slices, _ = encode_split(vqvae, root, "validate", image_size, device, progress)
+        train_codes, train_cond = what_to_model(train_levels, train_slices, model_cfg)
+        val_codes, val_cond = what_to_model(val_levels, val_slices, model_cfg)
+        flipped_codes = flipped_levels[0] if flipped_levels else None
         del vqvae
         grid = tuple(train_codes.shape[1:])
         baselines = {"uniform_bits": math.log2(model_cfg.num_codes),
@@ -173,17 +218,21 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
             f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f} bits")
 
         model = build_prior(model_cfg).to(device)
-        say(f"{model_cfg.kind} PixelCNN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-            f"conditioned on {'slice position' if model_cfg.n_conditions else 'nothing'}")
-        say(receptive_field_note(model_cfg))
+        conditioned_on = ("the coarse codes" if detail else "slice position" if model_cfg.n_conditions
+                          else "nothing")
+        say(f"{'detail' if detail else model_cfg.kind} PixelCNN: "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, conditioned on {conditioned_on}")
+        say(f"each fine code sees {rows_seen_above(model_cfg)} rows of fine codes above it" if detail
+            else receptive_field_note(model_cfg))
         forward = wrap_for_ranks(model, ranks, device)
         optimizer = make_adam(model.parameters(), cfg.lr, device)
         n_steps = steps_per_epoch(len(train_codes), cfg.batch_size, ranks)
         scheduler = WarmupCosine(optimizer, cfg.warmup_steps, cfg.epochs * n_steps, cfg.lr_hold)
-        last_path = Path(cfg.checkpoint_dir) / "pixelcnn_last.pt"
-        best_path = Path(cfg.checkpoint_dir) / "pixelcnn_best.pt"
+        last_path = Path(cfg.checkpoint_dir) / f"{name}_last.pt"
+        best_path = Path(cfg.checkpoint_dir) / f"{name}_best.pt"
         state = RunState(best=math.inf)
-        if cfg.resume:
+        # a detail prior whose run never began (the coarse one was stopped) starts afresh
+        if cfg.resume and (last_path.exists() or not detail):
             def paired(ckpt):
                 check_pairing(ckpt, last_path, vq_ckpt, cfg.vqvae, cfg.allow_unpaired)
             state = resume_run(last_path, "pixelcnn", "python pixelcnn.py", model, model_cfg, optimizer, scheduler,
@@ -196,7 +245,8 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
                                                      grid=grid, slice_counts=slice_counts, baselines=baselines,
                                                      vqvae_path=str(cfg.vqvae), vqvae_fingerprint=fitted_to))
 
-        budget = TimeBudget(cfg.minutes) if cfg.minutes > 0 else None
+        minutes = cfg.detail_minutes if detail else cfg.minutes
+        budget = TimeBudget(minutes) if minutes > 0 else None
         started = time.time()
         with stop or StopFlag() as stop:
             for epoch in range(state.epoch, cfg.epochs):

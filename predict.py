@@ -3,6 +3,9 @@
     python predict.py                          # demo set
     python predict.py --data /path/to/oasis --save-reconstructions
 
+A two-level VQ-VAE's samples take their coarse codes from the prior and their fine codes from
+the detail prior (pixelcnn_detail_best.pt beside --prior, or --detail-prior).
+
 Writes to out/: reconstructions.png, metrics.json, samples.png and samples/*.png,
 slice_sweep.gif (generated slices from the lowest to the highest conditioned position),
 code_maps.png (test inputs, their code indices, the decodings), codebook_usage.png,
@@ -36,10 +39,10 @@ from errors import FlagError
 from files import image_grid, progress_indices, save_figure, save_gif, save_gray_png, to_uint8, write_json
 from hardware import pick_device, set_seed
 from metrics import codebook_usage, psnr_per_image, sharpness, ssim_per_image, to_numpy_images
-from prior import sample_codes
+from prior import sample_levels
 from realism import print_realism, realism_report
 from slices import FOREGROUND_THRESHOLD, NATIVE_SIZE, resize_unit
-from vqvae import decode_all, encode_all, reconstruct_all, to_unit
+from vqvae import decode_all, encode_all_levels, reconstruct_all, to_unit
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -142,38 +145,41 @@ def sampling_settings(cfg: PredictConfig):
     return {"temperature": cfg.temperature, "top_p": cfg.top_p}
 
 
-def generate(vqvae, prior, prior_ckpt, n, slice_position, sampling, seed, device):
-    """-> (images (n, 1, H, W) in [0, 1] on the CPU, seconds spent sampling codes)."""
+def generate(vqvae, prior, prior_ckpt, detail, n, slice_position, sampling, seed, device):
+    """-> (images (n, 1, H, W) in [0, 1] on the CPU, seconds spent sampling codes). detail: the
+    detail prior of a two-level VQ-VAE, else None."""
     cond = sample_conditions(prior_ckpt, n, slice_position, torch.Generator().manual_seed(seed))
-    return decode_samples(vqvae, prior, prior_ckpt, n, cond, sampling, seed, device)
+    return decode_samples(vqvae, prior, prior_ckpt, detail, n, cond, sampling, seed, device)
 
 
-def decode_samples(vqvae, prior, prior_ckpt, n, cond, sampling, seed, device):
-    """Sample n code grids for the given conditions (or None) and decode them."""
+def decode_samples(vqvae, prior, prior_ckpt, detail, n, cond, sampling, seed, device):
+    """Sample n code grids (of every level) for the given conditions (or None) and decode them."""
     cond = cond.to(device) if cond is not None else None
-    height, width = prior_ckpt["grid"]
+    grid = prior_ckpt["grid"]
     device_generator = torch.Generator(device=device).manual_seed(seed)
     started = time.time()
-    with tqdm(total=height, desc="sampling rows", leave=False) as bar:
-        codes = sample_codes(prior, n, height, width, cond, generator=device_generator, progress=bar, **sampling)
+    rows = grid[0] * (3 if detail is not None else 1)  # the fine grid has twice the rows
+    with tqdm(total=rows, desc="sampling rows", leave=False) as bar:
+        codes = sample_levels(prior, detail, n, grid, cond, generator=device_generator, progress=bar, **sampling)
     seconds = time.time() - started
     return decode_all(vqvae, codes), seconds
 
 
-def save_slice_sweep(vqvae, prior, prior_ckpt, frames, sampling, seed, device, path):
+def save_slice_sweep(vqvae, prior, prior_ckpt, detail, frames, sampling, seed, device, path):
     """A GIF of generated slices as the conditioned position runs from lowest to highest."""
     n_conditions = prior_ckpt["model_config"]["n_conditions"]
     if not n_conditions or frames < 1:
         return
     positions = torch.linspace(0, n_conditions - 1, min(frames, n_conditions)).round().long()
-    images, _ = decode_samples(vqvae, prior, prior_ckpt, len(positions), positions, sampling, seed, device)
+    images, _ = decode_samples(vqvae, prior, prior_ckpt, detail, len(positions), positions, sampling, seed, device)
     pictures = [Image.fromarray(to_uint8(image)) for image in images.squeeze(1).numpy()]
     save_gif(path, pictures, duration_ms=300)
 
 
 def save_codebook_usage(vqvae, images_u8, path, batch_size=64):
-    """Histogram of how often each code is used on the test split; returns (perplexity, codes used)."""
-    codes = encode_all(vqvae, images_u8, batch_size)
+    """Histogram of how often each code (of the finest level) is used on the test split; returns
+    (perplexity, codes used)."""
+    codes = encode_all_levels(vqvae, images_u8, batch_size)[-1]
     counts = torch.bincount(codes.flatten().cpu(), minlength=vqvae.cfg.num_codes)
     perplexity, used = codebook_usage(counts)
     fig, ax = plt.subplots(figsize=(8, 3.2))
@@ -187,11 +193,12 @@ def save_codebook_usage(vqvae, images_u8, path, batch_size=64):
 
 
 def save_code_maps(vqvae, images_u8, path, count=4):
-    """For a few test slices: the input, its grid of code indices, and the decoding of that grid."""
+    """For a few test slices: the input, its grid of code indices (the finest level's), and the
+    decoding of its codes."""
     ids = progress_indices(len(images_u8), count)
     x = to_unit(images_u8[ids])
-    codes = vqvae.encode_to_indices(x)
-    decoded = vqvae.decode_indices(codes).cpu()
+    levels = vqvae.encode_levels(x)
+    codes, decoded = levels[-1], vqvae.decode_indices(levels).cpu()
     fig, axes = plt.subplots(len(ids), 3, figsize=(7.5, 2.5 * len(ids)), squeeze=False)
     for row, (image, code, decoding) in enumerate(zip(x.cpu().numpy(), codes.cpu().numpy(), decoded.numpy())):
         axes[row, 0].imshow(image[0], cmap="gray", vmin=0, vmax=1)
@@ -257,11 +264,11 @@ def finish_figure(fig, axes, path):
     plt.close(fig)
 
 
-def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, root, image_size, test_u8, test_case_ids, test_recon,
-            device):
+def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, detail, root, image_size, test_u8, test_case_ids,
+            test_recon, device):
     train_u8, train_set = load_split_tensor(root, "train", image_size, device)
     train_recon = reconstruct_all(vqvae, train_u8)
-    samples, _ = generate(vqvae, prior, prior_ckpt, cfg.realism_samples, cfg.slice, sampling_settings(cfg),
+    samples, _ = generate(vqvae, prior, prior_ckpt, detail, cfg.realism_samples, cfg.slice, sampling_settings(cfg),
                           cfg.seed, device)
     validate_u8, validate_set = load_split_tensor(root, "validate", image_size, device)
     held_out = (to_unit(torch.cat([validate_u8, test_u8])).cpu(),
@@ -284,9 +291,9 @@ def predict(cfg: PredictConfig):
     device = pick_device(cfg.device)
     out_dir = Path(cfg.out_dir)
     if cfg.reconstruction_only:
-        (vqvae, vq_ckpt), prior, prior_ckpt = load_vqvae(cfg.vqvae, device), None, None
+        (vqvae, vq_ckpt), prior, prior_ckpt, detail = load_vqvae(cfg.vqvae, device), None, None, None
     else:
-        vqvae, vq_ckpt, prior, prior_ckpt = load_trained_pair(cfg, device)
+        vqvae, vq_ckpt, prior, prior_ckpt, detail = load_trained_pair(cfg, device)
     image_size = image_size_of(vq_ckpt)
     root = resolve_data_root(cfg.data)
     split = cfg.split
@@ -304,12 +311,12 @@ def predict(cfg: PredictConfig):
             save_gray_png(out_dir / "reconstructions" / name, to_uint8(image))
 
     if prior is not None:
-        samples, seconds = generate(vqvae, prior, prior_ckpt, cfg.n_samples, cfg.slice,
+        samples, seconds = generate(vqvae, prior, prior_ckpt, detail, cfg.n_samples, cfg.slice,
                                     sampling_settings(cfg), cfg.seed, device)
         save_samples(samples, out_dir)
         metrics.update({"prior_val_nll_bits": prior_ckpt["run"]["best"], **prior_ckpt["baselines"],
                         "n_samples": cfg.n_samples, "sampling_seconds": seconds})
-        save_slice_sweep(vqvae, prior, prior_ckpt, cfg.sweep_frames, sampling_settings(cfg), cfg.seed, device,
+        save_slice_sweep(vqvae, prior, prior_ckpt, detail, cfg.sweep_frames, sampling_settings(cfg), cfg.seed, device,
                          out_dir / "slice_sweep.gif")
         print(f"sampled {cfg.n_samples} slices in {seconds:.1f}s -> {out_dir / 'samples.png'}")
     save_code_maps(vqvae, test_u8, out_dir / "code_maps.png")
@@ -321,8 +328,8 @@ def predict(cfg: PredictConfig):
 
     print_figures(metrics, split, image_size, len(test_u8), root)
     if cfg.realism:  # after the rest is written, so an interrupted --realism loses nothing else
-        metrics["realism"] = realism(cfg, vqvae, prior, prior_ckpt, root, image_size, test_u8, test_set.case_ids,
-                                     recon, device)
+        metrics["realism"] = realism(cfg, vqvae, prior, prior_ckpt, detail, root, image_size, test_u8,
+                                     test_set.case_ids, recon, device)
         write_json(out_dir / "metrics.json", metrics)
         print_realism(metrics["realism"])
     return metrics

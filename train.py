@@ -79,6 +79,11 @@ PRESETS = {
     # converges within the 18 epochs instead of some stopping while still rising (RESULTS.md).
     "quick": {"image_size": 128, "hidden": 64, "res_hidden": 32, "num_codes": 256, "code_dim": 64,
               "batch_size": 8},
+    # OASIS at its own 256x256 on a 2-core CPU: two code levels (VQ-VAE-2), a 32x32 grid that the
+    # quick prior models and a 64x64 one that holds the detail, for a detail prior given the coarse
+    # codes; 10 epochs, about 8 minutes with bf16 kernels (RESULTS.md, "Full resolution on a CPU")
+    "full": {"image_size": 256, "n_downsample": 2, "levels": 2, "coarse_only": 0.25, "hidden": 64,
+             "res_hidden": 32, "num_codes": 256, "code_dim": 64, "batch_size": 8, "epochs": 10},
     # van den Oord et al. 2017 at full OASIS resolution: 256 hidden units everywhere, 512 x 64 codes
     # (chosen on a GPU)
     "paper": {"image_size": 256, "hidden": 256, "res_hidden": 256, "num_codes": 512, "code_dim": 64,
@@ -87,8 +92,11 @@ PRESETS = {
 
 
 def default_preset(args):
-    """paper where the run trains on a GPU, quick on a CPU"""
-    return "paper" if pick_device(args.device).type == "cuda" else "quick"
+    """paper where the run trains on a GPU; on a CPU full for OASIS (--data other than demo), quick for
+    the demo set"""
+    if pick_device(args.device).type == "cuda":
+        return "paper"
+    return "quick" if getattr(args, "data", "demo") == "demo" else "full"
 
 
 def parse_args(argv=None):
@@ -217,7 +225,8 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
 
         grid_ids = progress_indices(len(val_u8))
         n_steps = steps_per_epoch(len(train_u8), cfg.batch_size, ranks)
-        counts = torch.zeros(model_cfg.num_codes, dtype=torch.long, device=device)  # codes used since the last log
+        # codes used since the last log, of every level's codebook (coarse first)
+        counts = torch.zeros(model_cfg.levels * model_cfg.num_codes, dtype=torch.long, device=device)
         started = time.time()
         with stop or StopFlag() as stop:
             for epoch in range(state.epoch, cfg.epochs):
@@ -233,7 +242,8 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                     at_log_point = state.step % cfg.log_every == 0
                     if at_log_point:
                         losses.check_finite()
-                        write(loss_line(state.step, step_losses, ranks) + " | " + codebook_line(counts, ranks))
+                        write(loss_line(state.step, step_losses, ranks) + " | "
+                              + codebook_line(counts, model_cfg.num_codes, ranks))
                         counts.zero_()
                     save_when_due_or_stopping(stop, state, losses, ranks, device, at_log_point=at_log_point,
                                               checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
@@ -264,10 +274,13 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
         return state.history
 
 
-def codebook_line(counts, ranks):
-    """Perplexity and codes used of per-code counts summed over processes."""
-    perplexity, used = codebook_usage(ranks.sum(counts.clone()).cpu())
-    return f"perplexity {perplexity:.1f} | codes used {used}/{len(counts)}"
+def codebook_line(counts, num_codes, ranks):
+    """Perplexity and codes used of per-code counts summed over processes, each level's codebook
+    on its own (coarse first)."""
+    levels = ranks.sum(counts.clone()).cpu().split(num_codes)
+    names = ["coarse ", "fine "] if len(levels) == 2 else [""]
+    return " | ".join(f"{name}perplexity {p:.1f} | {name}codes used {u}/{num_codes}"
+                      for name, (p, u) in zip(names, map(codebook_usage, levels)))
 
 
 def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig, bench: TrainBenchmarkConfig):

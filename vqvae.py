@@ -25,6 +25,12 @@ class VQVAEConfig:
     ema: bool = opt(True, "learn the codebook by exponential moving averages instead of by gradient")
     ema_decay: float = opt(0.99, "decay of the codebook's moving averages")
     dead_code_steps: int = opt(20, "re-seed codes unused for this many steps from encoder outputs; 0 = never")
+    levels: int = opt(1, "code grids: 1, or 2 = a coarse grid at half the side above the fine one (VQ-VAE-2): "
+                         "the prior models the coarse codes, a detail prior the fine ones given them",
+                      minimum=1, maximum=2)
+    coarse_only: float = opt(0.0, "two levels: share of the training images decoded from their coarse codes alone "
+                                  "(fine vectors zeroed), so that the coarse codes carry all of the picture they "
+                                  "can and the fine ones what is left", minimum=0.0, maximum=1.0)
 
 
 class ResidualStack(nn.Module):
@@ -59,16 +65,20 @@ class Encoder(nn.Module):
         layers.append(nn.Conv2d(channels, cfg.hidden, 3, padding=1))
         self.net = nn.Sequential(*layers)
         self.res = ResidualStack(cfg.hidden, cfg.res_hidden, cfg.n_res_blocks)
-        self.to_code = nn.Conv2d(cfg.hidden, cfg.code_dim, 1)
+        # with two levels the fine codes are chosen knowing the coarse ones (their upsampled vectors)
+        self.to_code = nn.Conv2d(cfg.hidden + (cfg.levels - 1) * cfg.code_dim, cfg.code_dim, 1)
+
+    def features(self, x):
+        return self.res(self.net(x))
 
     def forward(self, x):
-        return self.to_code(self.res(self.net(x)))
+        return self.to_code(self.features(x))
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        self.from_code = nn.Conv2d(cfg.code_dim, cfg.hidden, 3, padding=1)
+        self.from_code = nn.Conv2d(cfg.levels * cfg.code_dim, cfg.hidden, 3, padding=1)
         self.res = ResidualStack(cfg.hidden, cfg.res_hidden, cfg.n_res_blocks)
         layers, channels = [], cfg.hidden
         for i in range(cfg.n_downsample):
@@ -82,6 +92,22 @@ class Decoder(nn.Module):
 
     def forward(self, z):
         return self.net(self.res(self.from_code(z)))  # logits; sigmoid gives [0, 1] intensities
+
+
+class CoarseLevel(nn.Module):
+    """VQ-VAE-2's top level (Razavi et al. 2019, arXiv 1906.00446): the encoder's features at the
+    fine grid halved once more and quantized; the coarse code vectors come back upsampled to the
+    fine grid, for the fine quantizer and the decoder. The coarse grid holds the layout a prior
+    can model cheaply; the fine grid the detail."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(cfg.hidden, cfg.hidden, 4, stride=2, padding=1), nn.ReLU(),
+                                    ResidualStack(cfg.hidden, cfg.res_hidden, cfg.n_res_blocks),
+                                    nn.Conv2d(cfg.hidden, cfg.code_dim, 1))
+        self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta, cfg.ema, cfg.ema_decay,
+                                         cfg.dead_code_steps)
+        self.upsample = nn.ConvTranspose2d(cfg.code_dim, cfg.code_dim, 4, stride=2, padding=1)
 
 
 class VectorQuantizer(nn.Module):
@@ -219,11 +245,29 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta, cfg.ema,
                                          cfg.ema_decay, cfg.dead_code_steps)
         self.decoder = Decoder(cfg)
+        self.top = CoarseLevel(cfg) if cfg.levels == 2 else None
 
     def forward(self, x):
-        """x in [0, 1], (B, C, H, W) -> (reconstruction logits, vq loss, indices, stats)."""
-        z_q, vq_loss, indices, stats = self.quantizer(self.encoder(x))
-        return self.decoder(z_q), vq_loss, indices, stats
+        """x in [0, 1], (B, C, H, W) -> (reconstruction logits, vq loss, fine indices, stats); with
+        two levels the stats' counts are the coarse codebook's followed by the fine one's."""
+        if self.top is None:
+            z_q, vq_loss, indices, stats = self.quantizer(self.encoder(x))
+            return self.decoder(z_q), vq_loss, indices, stats
+        (coarse, fine), vq_loss, indices, stats = self._quantize_levels(x)
+        if self.training and self.cfg.coarse_only > 0:
+            keep_fine = torch.rand(len(x), device=x.device) >= self.cfg.coarse_only
+            fine = fine * keep_fine[:, None, None, None].to(fine.dtype)
+        return self.decoder(torch.cat([coarse, fine], dim=1)), vq_loss, indices[1], stats
+
+    def _quantize_levels(self, x):
+        """-> ([coarse vectors upsampled, fine vectors], vq loss, [coarse, fine] indices, stats)."""
+        h = self.encoder.features(x)
+        top_q, top_loss, top_indices, top_stats = self.top.quantizer(self.top.encode(h))
+        coarse = self.top.upsample(top_q)
+        fine, loss, indices, stats = self.quantizer(self.encoder.to_code(torch.cat([h, coarse], dim=1)))
+        stats = {**stats, "counts": torch.cat([top_stats["counts"], stats["counts"]]),
+                 "codes_used": stats["codes_used"] + top_stats["codes_used"]}
+        return [coarse, fine], loss + top_loss, [top_indices, indices], stats
 
     # The hand-off to the prior: images to code indices, and code indices back to images.
     # (encode_all and decode_all below run them over a whole split in batches.)
@@ -233,12 +277,27 @@ class VQVAE(nn.Module):
         return torch.sigmoid(self.forward(x)[0]).float()
 
     @torch.no_grad()
-    def encode_to_indices(self, x):
-        return self.quantizer(self.encoder(x))[2]
+    def encode_levels(self, x):
+        """Code indices of every level, coarse first: [(B, h, w)], or [(B, h/2, w/2), (B, h, w)]."""
+        if self.top is None:
+            return [self.quantizer(self.encoder(x))[2]]
+        return self._quantize_levels(x)[2]
 
     @torch.no_grad()
-    def decode_indices(self, indices):
-        z_q = self.quantizer.codebook[indices].permute(0, 3, 1, 2)
+    def encode_to_indices(self, x):
+        """The codes the prior models: the coarsest level's."""
+        return self.encode_levels(x)[0]
+
+    @torch.no_grad()
+    def decode_indices(self, codes):
+        """codes: (B, h, w) indices, or a list with one per level, coarse first -> images in [0, 1]."""
+        levels = list(codes) if isinstance(codes, (list, tuple)) else [codes]
+        if len(levels) != self.cfg.levels:
+            raise ValueError(f"this VQ-VAE decodes {self.cfg.levels} code level(s), got {len(levels)}")
+        z_q = self.quantizer.codebook[levels[-1]].permute(0, 3, 1, 2)
+        if self.top is not None:
+            coarse = self.top.upsample(self.top.quantizer.codebook[levels[0]].permute(0, 3, 1, 2))
+            z_q = torch.cat([coarse, z_q], dim=1)
         return torch.sigmoid(self.decoder(z_q)).float()
 
 
@@ -267,8 +326,18 @@ def encode_all(vqvae, images_u8, batch_size=64):
 
 
 @torch.no_grad()
+def encode_all_levels(vqvae, images_u8, batch_size=64):
+    """uint8 (N, 1, H, W) -> the code indices of every level, coarse first, on the same device."""
+    batches = [vqvae.encode_levels(x) for x in unit_batches(images_u8, batch_size)]
+    return [torch.cat(level) for level in zip(*batches)]
+
+
+@torch.no_grad()
 def decode_all(vqvae, codes, batch_size=64):
-    """Code indices (N, h, w) -> images (N, 1, H, W) in [0, 1] on the CPU."""
-    return torch.cat([vqvae.decode_indices(codes[i:i + batch_size]).cpu() for i in range(0, len(codes), batch_size)])
+    """Code indices (N, h, w), or a list with one per level (coarse first) -> images (N, 1, H, W)
+    in [0, 1] on the CPU."""
+    levels = list(codes) if isinstance(codes, (list, tuple)) else [codes]
+    return torch.cat([vqvae.decode_indices([c[i:i + batch_size] for c in levels]).cpu()
+                      for i in range(0, len(levels[0]), batch_size)])
 
 

@@ -23,7 +23,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / "tests"))
 
-TINY_VQVAE = ["--image-size", "32", "--hidden", "16", "--res-hidden", "8", "--num-codes", "16",
+TINY_VQVAE = ["--preset", "quick", "--image-size", "32", "--hidden", "16", "--res-hidden", "8", "--num-codes", "16",
               "--code-dim", "8", "--batch-size", "8", "--log-every", "2"]
 TINY_PRIOR = ["--hidden", "8", "--n-layers", "2", "--kernel", "3", "--batch-size", "8"]
 VOLATILE_METRICS = {"sampling_seconds", "data_root"}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 PROJECT = Path(__file__).resolve().parents[1]
-TINY_VQVAE = ["--image-size", "32", "--hidden", "16", "--res-hidden", "8", "--num-codes", "16", "--code-dim", "8",
+TINY_VQVAE = ["--preset", "quick", "--image-size", "32", "--hidden", "16", "--res-hidden", "8", "--num-codes", "16", "--code-dim", "8",
               "--batch-size", "2", "--epochs", "6", "--dtype", "float32", "--checkpoint-every", "1"]
 TINY_PRIOR = ["--hidden", "8", "--n-layers", "2", "--kernel", "3", "--batch-size", "2", "--epochs", "6",
               "--minutes", "0", "--dtype", "float32", "--checkpoint-every", "1"]

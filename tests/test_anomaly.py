@@ -13,7 +13,7 @@ from checkpoint import load_prior, load_vqvae
 from dataset import load_split, load_split_tensor
 from lesions import RING_CORE, LesionSet, detection_figures, make_lesion_set
 from metrics import auroc, average_precision, best_dice, dice_at
-from prior import PixelCNNConfig, VerticalStacks, build_prior, heal_codes, sample_codes
+from prior import PixelCNNConfig, Priors, VerticalStacks, build_prior, heal_codes, sample_codes
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +164,9 @@ def test_healing_every_code_is_sampling_from_the_prior():
 def test_vertical_stacks_a_row_at_a_time_match_the_whole_grid():
     model = tiny_prior()
     codes, cond = torch.randint(0, 16, (2, 6, 6)), torch.tensor([2, 3])
-    whole = model.vertical_features(codes, cond)
-    stacks = VerticalStacks(model, 2, 6, cond)
+    biases = model.layer_biases(cond)
+    whole = model.vertical_features(codes, biases)
+    stacks = VerticalStacks(model, 2, 6, biases)
     for row in range(6):
         for layer, features in enumerate(whole):
             torch.testing.assert_close(stacks.features[layer][:, :, 0], features[:, :, row])
@@ -179,9 +180,9 @@ def test_healing_works_only_where_some_slice_has_a_flag(monkeypatch):
     seen = []
     original = model.horizontal_logits
 
-    def spy(band, left, cond, row):
-        seen.append((row, band.shape[-1] - 1, len(band)))
-        return original(band, left, cond, row)
+    def spy(band, left, biases, row, col_offset):
+        seen.append((row, col_offset + band.shape[-1] - 1, len(band)))
+        return original(band, left, biases, row, col_offset)
 
     monkeypatch.setattr(model, "horizontal_logits", spy)
     heal_codes(model, torch.randint(0, 16, (4, 6, 6)), flags, torch.zeros(4, dtype=torch.long))
@@ -203,7 +204,8 @@ def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combin
     regions = np.stack([brain_region(image) for image in images])
     assert regions[patch].all()
     bench = maps.Benchmark("test", lesions, regions, regions, torch.as_tensor(slices.slice_idx), slices.slice_idx)
-    found = maps.anomaly_maps(vqvae, prior, bench, 0.05, anomaly.AnomalyConfig(n_heal=2, combine=combine), "cpu")
+    found = maps.anomaly_maps(vqvae, Priors(prior), bench, 0.05, anomaly.AnomalyConfig(n_heal=2, combine=combine),
+                              "cpu")
 
     def contrast(scores):
         return scores[patch].mean() / scores[regions & ~patch].mean(), auroc(scores[regions], patch[regions])

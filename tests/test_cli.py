@@ -84,11 +84,22 @@ def test_without_a_preset_the_device_s_preset_sets_every_value_it_names(script, 
 @pytest.mark.parametrize("script", [train, pixelcnn], ids=["train.py", "pixelcnn.py"])
 def test_the_preset_flag_says_how_it_picks_and_what_each_preset_sets(script, monkeypatch):
     (preset,) = [a for a in parser_of(script, monkeypatch)._actions if "--preset" in a.option_strings]
-    assert sorted(preset.choices) == ["paper", "quick"] and preset.default is None
+    assert sorted(preset.choices) == sorted(script.PRESETS) and {"paper", "quick"} <= set(preset.choices)
+    assert preset.default is None
     assert "GPU" in preset.help and "CPU" in preset.help
     for name, values in script.PRESETS.items():
         assert f"{name}: " in preset.help and all(f"--{k.replace('_', '-')} {v}" in preset.help
                                                   for k, v in values.items())
+
+
+def test_on_a_cpu_oasis_data_gets_the_full_resolution_two_level_vqvae_and_the_demo_the_quick_one():
+    cfg, model_cfg, _ = train.parse_args(["--device", "cpu", "--data", "path/to/keras_png_slices_data"])
+    assert (cfg.image_size, model_cfg.n_downsample, model_cfg.levels, cfg.epochs) == (256, 2, 2, 10)
+    assert model_cfg.coarse_only == 0.25
+    cfg, model_cfg, _ = train.parse_args(["--device", "cpu"])
+    assert (cfg.data, cfg.image_size, model_cfg.levels) == ("demo", 128, 1)
+    cfg, model_cfg, _ = train.parse_args(["--device", "cuda", "--data", "path/to/keras_png_slices_data"])
+    assert (cfg.image_size, model_cfg.hidden, model_cfg.levels) == (256, 256, 1)  # a GPU: the paper's model
 
 
 # ----------------------------------------------------------------------------- the defaults the README quotes

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 import pixelcnn
 from errors import DataError
 from metrics import ssim_per_image
-from prior import (GatedPixelCNN, MaskedConv2d, PixelCNNConfig, build_prior, nucleus, rows_seen_above, sample_codes,
-                   slice_conditions)
+from prior import (GatedPixelCNN, MaskedConv2d, PixelCNNConfig, build_prior, columns_seen, nucleus, rows_seen_above,
+                   sample_codes, slice_conditions)
 from train import PRESETS
 from vqvae import VQVAE, VectorQuantizer, VQVAEConfig
 
@@ -229,6 +229,18 @@ def test_cropped_sampling_uses_the_same_logits_as_the_full_model(kind):
     logits = model(codes, cond)
     # each sampled code is the argmax of the full model's logits given the codes before it
     assert torch.equal(codes, logits.argmax(1))
+
+
+def test_sampling_a_grid_wider_than_the_horizontal_stacks_reach_crops_columns_exactly():
+    """With 2 layers of kernel 3 a code's row band is 3 columns; on a 9-wide grid most positions
+    are sampled from a band that starts right of column 0."""
+    torch.manual_seed(0)
+    model = build_prior(PixelCNNConfig(num_codes=12, hidden=8, n_layers=2, kernel=3, n_conditions=3,
+                                       grid_size=9)).eval()
+    assert columns_seen(model.cfg) == 3
+    cond = torch.tensor([0, 2])
+    codes = sample_codes(model, 2, 5, 9, cond, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(codes, model(codes, cond).argmax(1))
 
 
 def test_tiny_vqvae_overfits_a_handful_of_images():

@@ -46,7 +46,8 @@ def vqvae_configs(tiny_flags):
     def configs(folder, data, *extra):
         return parse_configs("", [train.TrainConfig, VQVAEConfig],
                              ["--data", str(data), "--checkpoint-dir", str(folder / "ck"),
-                              "--progress-dir", str(folder / "progress"), *tiny_flags.vqvae_batch_2, *extra])
+                              "--progress-dir", str(folder / "progress"), *tiny_flags.vqvae_batch_2, *extra],
+                             presets=train.PRESETS)
     return configs
 
 
@@ -100,7 +101,7 @@ def test_vflip_trains_the_prior_on_codes_of_flipped_slices_for_part_of_each_batc
     vqvae_path, cpu = tiny_models.vqvae, torch.device("cpu")
     vqvae, _ = load_vqvae(vqvae_path, cpu)
     images = load_split_tensor(tiny_demo, "train", 32, cpu, progress=False)[0]
-    codes, _, flipped = pixelcnn.encode_split(vqvae, tiny_demo, "train", 32, cpu, progress=False, flipped=True)
+    (codes,), _, (flipped,) = pixelcnn.encode_split(vqvae, tiny_demo, "train", 32, cpu, progress=False, flipped=True)
     assert torch.equal(flipped, encode_all(vqvae, images.flip(2)))
     assert not torch.equal(flipped, codes)
 

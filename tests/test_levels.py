@@ -1,0 +1,196 @@
+"""Two-level codes (VQ-VAE-2): the VQ-VAE's coarse and fine grids, the detail prior over the fine
+codes given the coarse ones, and the run from train.py through pixelcnn.py to predict.py and
+anomaly.py."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import anomaly
+import maps
+import pixelcnn
+import predict
+import train
+from checkpoint import TrainedModels, load_prior, load_trained_pair, load_vqvae
+from errors import CheckpointError, FlagError
+from prior import PixelCNNConfig, Priors, build_prior, heal_codes, sample_codes, sample_levels
+from vqvae import VQVAE, VQVAEConfig, decode_all, encode_all_levels
+
+
+def detail_prior(num_codes=10, context_codes=7, grid_size=8, n_layers=2):
+    torch.manual_seed(0)
+    return build_prior(PixelCNNConfig(num_codes=num_codes, hidden=8, n_layers=n_layers, kernel=3, n_conditions=0,
+                                      context_codes=context_codes, grid_size=grid_size)).eval()
+
+
+def test_a_two_level_vqvae_at_256_has_a_32_and_a_64_grid_and_decodes_both():
+    model = VQVAE(VQVAEConfig(hidden=16, res_hidden=8, num_codes=16, code_dim=8, n_downsample=2, levels=2)).eval()
+    x = torch.rand(2, 1, 256, 256)
+    coarse, fine = model.encode_levels(x)
+    assert coarse.shape == (2, 32, 32) and fine.shape == (2, 64, 64)
+    assert torch.equal(model.encode_to_indices(x), coarse)  # what the prior models
+    # decoding the codes it chose gives exactly its reconstruction
+    torch.testing.assert_close(model.decode_indices([coarse, fine]), model.reconstruct(x))
+    assert decode_all(model, [coarse, fine], batch_size=1).shape == x.shape
+    with pytest.raises(ValueError, match="2 code level"):
+        model.decode_indices(fine)
+
+
+def test_the_fine_codes_depend_on_the_coarse_ones():
+    """The decoder reads both levels: other coarse codes under the same fine ones change the picture."""
+    model = VQVAE(VQVAEConfig(hidden=16, res_hidden=8, num_codes=16, code_dim=8, n_downsample=2, levels=2)).eval()
+    x = torch.rand(1, 1, 32, 32)
+    coarse, fine = model.encode_levels(x)
+    other = (coarse + 1) % 16
+    assert not torch.allclose(model.decode_indices([coarse, fine]), model.decode_indices([other, fine]))
+
+
+def test_coarse_only_decodes_that_share_of_training_images_from_their_coarse_codes_alone():
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(hidden=16, res_hidden=8, num_codes=16, code_dim=8, levels=2, coarse_only=1.0,
+                              ema=False, dead_code_steps=0)).train()
+    x = torch.rand(2, 1, 32, 32)
+    model(x)  # seeds the codebooks; without EMA or re-seeding nothing else changes them
+    (coarse, fine), *_ = model._quantize_levels(x)
+    torch.testing.assert_close(model(x)[0], model.decoder(torch.cat([coarse, torch.zeros_like(fine)], dim=1)))
+    model.eval()  # evaluation always decodes both levels
+    torch.testing.assert_close(model(x)[0], model.decoder(torch.cat([coarse, fine], dim=1)))
+
+
+def test_the_detail_prior_is_causal_in_the_fine_codes_and_sees_all_the_coarse_ones():
+    model = detail_prior()
+    fine, coarse = torch.randint(0, 10, (1, 8, 8)), torch.randint(0, 7, (1, 4, 4))
+    logits = model(fine, coarse)
+    later = fine.clone()
+    later[0, 5, 3] = (later[0, 5, 3] + 1) % 10
+    changed = (model(later, coarse) - logits).abs().amax(dim=1)[0] > 1e-6
+    assert not changed.flatten()[:5 * 8 + 4].any()  # nothing at or before the changed code
+    other_coarse = coarse.clone()
+    other_coarse[0, 3, 3] = (other_coarse[0, 3, 3] + 1) % 7  # below and right of the first fine code
+    assert (model(fine, other_coarse) - logits)[0, :, 0, 0].abs().max() > 1e-6
+
+
+def test_sampling_the_detail_prior_row_by_row_uses_the_full_models_logits():
+    """Greedy sampling (temperature -> 0) with the coarse codes' biases cropped per position must
+    reproduce the full model's argmax."""
+    model = detail_prior()
+    coarse = torch.randint(0, 7, (2, 4, 4))
+    fine = sample_codes(model, 2, 8, 8, coarse, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fine, model(fine, coarse).argmax(1))
+
+
+def test_healing_every_fine_code_is_sampling_and_healing_none_keeps_them():
+    model = detail_prior()
+    coarse, fine = torch.randint(0, 7, (3, 4, 4)), torch.randint(0, 10, (3, 8, 8))
+    assert torch.equal(heal_codes(model, fine, torch.zeros(3, 8, 8, dtype=torch.bool), coarse), fine)
+    healed = heal_codes(model, torch.zeros_like(fine), torch.ones(3, 8, 8, dtype=torch.bool), coarse,
+                        generator=torch.Generator().manual_seed(3))
+    sampled = sample_codes(model, 3, 8, 8, coarse, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(healed, sampled)
+
+
+def test_healing_two_levels_redraws_only_the_fine_codes_under_a_healed_coarse_code():
+    coarse_prior = build_prior(PixelCNNConfig(num_codes=7, hidden=8, n_layers=2, kernel=3, n_conditions=0,
+                                              grid_size=4)).eval()
+    coarse, fine = torch.randint(0, 7, (2, 4, 4)), torch.randint(0, 10, (2, 8, 8))
+    encoded = maps.Encoded(coarse, torch.zeros(2, 4, 4), None, fine)
+    flagged = torch.zeros(2, 4, 4, dtype=torch.bool)
+    flagged[0, 1, 2] = True
+    changed = torch.zeros(2, 8, 8, dtype=torch.bool)
+    for seed in range(8):
+        new_coarse, new_fine = maps.heal_levels(Priors(coarse_prior, detail_prior()), encoded, torch.arange(2),
+                                                flagged, None, torch.Generator().manual_seed(seed), None)
+        assert torch.equal(new_coarse[~flagged], coarse[~flagged])
+        changed |= new_fine != fine
+    under = torch.zeros(2, 8, 8, dtype=torch.bool)
+    under[0, 2:4, 4:6] = True
+    assert changed[under].any() and not changed[~under].any()
+
+
+def test_sample_levels_hands_the_coarse_grid_to_the_detail_prior():
+    coarse_prior = build_prior(PixelCNNConfig(num_codes=7, hidden=8, n_layers=2, kernel=3, n_conditions=0,
+                                              grid_size=4)).eval()
+    levels = sample_levels(coarse_prior, detail_prior(), 2, (4, 4), generator=torch.Generator().manual_seed(1))
+    assert [tuple(c.shape) for c in levels] == [(2, 4, 4), (2, 8, 8)]
+    assert len(sample_levels(coarse_prior, None, 2, (4, 4))) == 1
+
+
+def test_a_detail_prior_must_be_gated():
+    with pytest.raises(ValueError, match="gated"):
+        build_prior(PixelCNNConfig(kind="plain", context_codes=4))
+
+
+@pytest.fixture(scope="module")
+def two_levels(tmp_path_factory, tiny_demo, tiny_flags):
+    """A tiny two-level VQ-VAE and its two priors, trained as a user trains them."""
+    work = tmp_path_factory.mktemp("two_levels")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        train.main(["--data", str(tiny_demo), "--epochs", "3", "--levels", "2", *tiny_flags.vqvae_batch_2])
+        pixelcnn.main(["--data", str(tiny_demo), "--epochs", "2", "--detail-layers", "2", "--detail-hidden", "8",
+                       "--detail-kernel", "3", *tiny_flags.prior_batch_2])
+    return work
+
+
+def test_pixelcnn_trains_a_prior_of_each_level(two_levels):
+    coarse, coarse_ckpt = load_prior(two_levels / "checkpoints" / "pixelcnn_best.pt", "cpu")
+    detail, detail_ckpt = load_prior(two_levels / "checkpoints" / "pixelcnn_detail_best.pt", "cpu")
+    assert coarse.cfg.context_codes == 0 and coarse.cfg.grid_size == 4   # 32 px / 4 / 2
+    assert detail.cfg.context_codes == 16 and detail.cfg.grid_size == 8 and detail.cfg.n_layers == 2
+    assert tuple(coarse_ckpt["grid"]) == (4, 4) and tuple(detail_ckpt["grid"]) == (8, 8)
+    assert coarse_ckpt["vqvae_fingerprint"] == detail_ckpt["vqvae_fingerprint"]
+    assert len(detail_ckpt["run"]["history"]) == 2
+
+
+def test_predict_samples_and_scores_a_two_level_model(two_levels, tiny_demo, monkeypatch):
+    monkeypatch.chdir(two_levels)
+    metrics = predict.predict(predict.parse_configs("", [predict.PredictConfig],
+                                                    ["--data", str(tiny_demo), "--n-samples", "3",
+                                                     "--sweep-frames", "2", "--out-dir", "out_levels"])[0])
+    assert (two_levels / "out_levels" / "samples" / "sample_002.png").is_file()
+    assert 0 < metrics["test_ssim_native_mean"] <= 1
+    assert json.loads((two_levels / "out_levels" / "metrics.json").read_text())["n_samples"] == 3
+
+
+def test_anomaly_maps_heal_both_levels(two_levels, tiny_demo, monkeypatch):
+    monkeypatch.chdir(two_levels)
+    report = anomaly.main(["--data", str(tiny_demo), "--n-heal", "1", "--thresholds", "lesions", "--threshold",
+                           "0.5", "--out-dir", "out_anomaly"])
+    assert report["healed_share"] > 0  # coarse codes healed, and the fine codes under them redrawn
+    assert (two_levels / "out_anomaly" / "anomaly_metrics.json").is_file()
+
+
+def test_a_detail_prior_of_another_vqvae_is_refused(two_levels, tmp_path):
+    shutil.copytree(two_levels / "checkpoints", tmp_path / "checkpoints")
+    vqvae_path = tmp_path / "checkpoints" / "vqvae_best.pt"
+    ckpt = torch.load(vqvae_path, weights_only=True)
+    ckpt["model"]["top.quantizer.codebook"] += 1.0  # another coarse codebook: other pictures
+    torch.save(ckpt, vqvae_path)
+    models = TrainedModels(vqvae=str(vqvae_path), prior=str(tmp_path / "checkpoints" / "pixelcnn_best.pt"))
+    with pytest.raises(CheckpointError, match="fit to another VQ-VAE"):
+        load_trained_pair(models, "cpu")
+
+
+def test_a_missing_detail_prior_is_named(two_levels, tmp_path):
+    shutil.copytree(two_levels / "checkpoints", tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "pixelcnn_detail_best.pt").unlink()
+    models = TrainedModels(vqvae=str(tmp_path / "checkpoints" / "vqvae_best.pt"),
+                           prior=str(tmp_path / "checkpoints" / "pixelcnn_best.pt"))
+    with pytest.raises(CheckpointError, match="pixelcnn_detail_best.pt not found"):
+        load_trained_pair(models, "cpu")
+
+
+def test_the_detail_level_of_a_one_level_vqvae_is_refused(tiny_models, prior_configs, tmp_path):
+    cfg, model_cfg = prior_configs(tmp_path, tiny_models.data, tiny_models.vqvae, "--level", "detail")
+    with pytest.raises(FlagError, match="--level detail"):
+        pixelcnn.train_prior(cfg, model_cfg, progress=False)
+
+
+def test_the_codes_of_a_split_come_level_by_level(two_levels):
+    vqvae, _ = load_vqvae(two_levels / "checkpoints" / "vqvae_best.pt", "cpu")
+    images = (torch.rand(3, 1, 32, 32) * 255).to(torch.uint8)
+    coarse, fine = encode_all_levels(vqvae, images, batch_size=2)
+    assert coarse.shape == (3, 4, 4) and fine.shape == (3, 8, 8)
+    one_by_one = [vqvae.encode_levels(images[i:i + 1].float() / 255) for i in range(3)]
+    assert torch.equal(fine, torch.cat([levels[1] for levels in one_by_one]))
