@@ -26,6 +26,7 @@ from bench import prepare as prepare_benchmark
 from checkpoint import RunState, checkpoint_payload, resume_run, run_lock, save_checkpoint
 from cli import opt, parse_configs
 from dataset import load_split_tensor, resolve_data_root
+from errors import FlagError
 from files import image_grid, progress_indices, save_gray_png
 from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, use_fast_math,
                       wrap_for_ranks)
@@ -81,7 +82,7 @@ PRESETS = {
               "batch_size": 8},
     # OASIS at its own 256x256 on a 2-core CPU: two code levels (VQ-VAE-2), a 32x32 grid that the
     # quick prior models and a 64x64 one that holds the detail, for a detail prior given the coarse
-    # codes; 10 epochs, about 8 minutes with bf16 kernels (RESULTS.md, "Full resolution on a CPU")
+    # codes; 10 epochs, about 8 minutes with bf16 kernels (RESULTS.md, "Two code levels")
     "full": {"image_size": 256, "n_downsample": 2, "levels": 2, "coarse_only": 0.25, "hidden": 64,
              "res_hidden": 32, "num_codes": 256, "code_dim": 64, "batch_size": 8, "epochs": 10},
     # van den Oord et al. 2017 at full OASIS resolution: 256 hidden units everywhere, 512 x 64 codes
@@ -196,6 +197,8 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     when stopped by SIGINT/SIGTERM (or by `stop`, an object whose .signal turns non-None).
     Started by torchrun, every process trains on its share of each batch.
     """
+    if model_cfg.coarse_only and model_cfg.levels == 1:
+        raise FlagError(f"--coarse-only {model_cfg.coarse_only} needs --levels 2 (one level has no coarse codes)")
     with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, "vqvae", ranks.main):
         progress = progress and ranks.main
         set_seed(cfg.seed)

@@ -116,6 +116,17 @@ def test_sample_levels_hands_the_coarse_grid_to_the_detail_prior():
     assert len(sample_levels(coarse_prior, None, 2, (4, 4))) == 1
 
 
+def test_coarse_only_without_a_coarse_level_is_refused_in_one_line(tiny_demo, tiny_flags, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(tiny_demo), "--coarse-only", "0.25", *tiny_flags.vqvae])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --coarse-only 0.25 needs --levels 2") and "\n" not in error
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_detail_prior_must_be_gated():
     with pytest.raises(ValueError, match="gated"):
         build_prior(PixelCNNConfig(kind="plain", context_codes=4))
