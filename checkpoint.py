@@ -208,16 +208,24 @@ def run_lock(folder, kind, hold=True):
         yield
 
 
-def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler, check=None):
+def resume_run(path, kind, made_by, model, model_cfg, optimizer, scheduler, check=None, extra_states=None):
     """Restore everything a run needs to continue exactly; returns its RunState. check(ckpt),
-    when given, may refuse the checkpoint before anything is restored."""
+    when given, may refuse the checkpoint before anything is restored; extra_states: {key: what
+    load_state_dict restores from ckpt[key]}, for parts only some runs have."""
     ckpt = load_checkpoint(path, kind, made_by=made_by)
     if check is not None:
         check(ckpt)
     check_same_config(path, ckpt["model_config"], model_cfg)
+    extra_states = extra_states or {}
+    missing = [key for key in extra_states if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} holds no {missing[0]}: its run was trained without it; resume with the "
+                              f"flags it was started with")
     load_weights(model, ckpt, path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    for key, part in extra_states.items():
+        part.load_state_dict(ckpt[key])
     restore_rng_state(ckpt["rng"])
     state = RunState(**ckpt["run"])
     print(f"resumed from {path} at step {state.step} (epoch {state.epoch + 1})")

@@ -6,7 +6,7 @@
     python train.py --benchmark              # time training steps, print one JSON line
     torchrun --nproc_per_node=4 train.py ... # DistributedDataParallel, one process per GPU
 
-Every epoch logs losses, codebook perplexity and codes used, and the validation SSIM;
+Every epoch logs losses, codebook perplexity and codes used, and the validation SSIM and sharpness;
 keeps checkpoints/vqvae_last.pt and the best-by-validation-SSIM checkpoints/vqvae_best.pt;
 and writes a fixed grid of validation reconstructions to out/progress/ for the GIF.
 """
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adversary import PatchDiscriminator, adaptive_weight, discriminator_hinge_loss, generator_loss
 from bench import BenchmarkConfig, report, time_steps, train_or_benchmark
 from bench import prepare as prepare_benchmark
 from checkpoint import RunState, checkpoint_payload, resume_run, run_lock, save_checkpoint
@@ -30,8 +31,8 @@ from errors import FlagError
 from files import image_grid, progress_indices, save_gray_png
 from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, use_fast_math,
                       wrap_for_ranks)
-from metrics import codebook_usage, ssim_per_image
-from slices import cases_in_several_splits
+from metrics import codebook_usage, gradient_magnitude, ssim_per_image
+from slices import FOREGROUND_THRESHOLD, cases_in_several_splits
 from training import (EpochLosses, StopFlag, epoch_bar, epoch_order, loss_line, make_adam, make_scheduler, my_batch,
                       save_when_due_or_stopping, steps_per_epoch)
 from vqvae import VQVAE, VQVAEConfig, reconstruct_all, to_unit, unit_batches
@@ -51,6 +52,12 @@ class TrainConfig:
     edge_loss: float = opt(0.0, "weight of an L1 loss between the image gradients of the reconstruction and of the "
                                 "input, added to the reconstruction loss: a blurred edge costs there (0 = none)",
                            minimum=0.0)
+    adversarial: float = opt(0.0, "weight of a patch discriminator's loss on the reconstructions (VQGAN), on top of "
+                                  "the gradient-norm balance that makes 1 pull as hard as the reconstruction loss "
+                                  "(0 = none); it asks for edges and texture a per-pixel loss lets blur away",
+                             minimum=0.0)
+    adversarial_from: float = opt(0.3, "share of the training steps before the discriminator joins, so that it "
+                                       "first meets reconstructions worth judging", minimum=0.0, maximum=1.0)
     dtype: str = opt("auto", "autocast dtype of the convolutions (the quantizer stays float32); auto = "
                              "bfloat16 where the device has fast bf16 kernels (CUDA, CPUs with AVX-512 BF16), "
                              "float32 elsewhere", choices=["auto", "float32", "bfloat16"])
@@ -115,7 +122,8 @@ def warn_about_leaking_cases(root):
 
 
 def evaluate(model, images_u8, batch_size=64, ranks=None):
-    """Mean SSIM and per-code counts over a held-out split (shared out among processes)."""
+    """Mean SSIM, sharpness (metrics.sharpness, at the model's size) and per-code counts over a
+    held-out split (shared out among processes)."""
     ranks = ranks or Ranks()
     mine = images_u8[ranks.rank::ranks.world]
     model.eval()
@@ -125,11 +133,16 @@ def evaluate(model, images_u8, batch_size=64, ranks=None):
             logits, _, indices, _ = model(x)
             recons.append(torch.sigmoid(logits).float().cpu())
             counts += torch.bincount(indices.flatten().cpu(), minlength=model.cfg.num_codes)
-    ssim = ssim_per_image(to_unit(mine).cpu(), torch.cat(recons)) if len(mine) else np.zeros(0)
+    real = to_unit(mine).cpu()
+    recon = torch.cat(recons) if recons else real
+    ssim = ssim_per_image(real, recon) if len(mine) else np.zeros(0)
+    real, recon = real[:, 0].numpy(), recon[:, 0].numpy()
+    inside = real > FOREGROUND_THRESHOLD
+    edges = [gradient_magnitude(recon)[inside].sum(), gradient_magnitude(real)[inside].sum()]
     device = images_u8.device
-    total = ranks.sum(torch.tensor([ssim.sum(), len(ssim)], dtype=torch.float64, device=device))
+    total = ranks.sum(torch.tensor([ssim.sum(), len(ssim), *edges], dtype=torch.float64, device=device))
     counts = ranks.sum(counts.to(device)).cpu()
-    return float(total[0] / total[1]), counts
+    return float(total[0] / total[1]), float(total[2] / total[3]), counts
 
 
 def reconstruction_loss(logits, x, kind, edge_weight=0.0):
@@ -153,9 +166,37 @@ def edge_loss(reconstruction, x):
     return sum(F.l1_loss(a, b) for a, b in zip(image_gradients(reconstruction), image_gradients(x)))
 
 
+@dataclass
+class Adversary:
+    """--adversarial's discriminator: the network, what its step calls forward (DDP-wrapped), its
+    optimizer, and the training step it joins at."""
+    net: torch.nn.Module
+    forward: object
+    optimizer: torch.optim.Optimizer
+    first_step: int
+
+    def joined(self, step):
+        return step >= self.first_step
+
+
+def build_adversary(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, total_steps):
+    if not cfg.adversarial:
+        return None
+    # drawn from a generator of its own, so the VQ-VAE trains as it would without it until it joins
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        net = PatchDiscriminator(model_cfg.in_channels)
+    net = net.to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return Adversary(net, wrap_for_ranks(net, ranks, device), make_adam(net.parameters(), cfg.lr, device),
+                     int(cfg.adversarial_from * total_steps))
+
+
 def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_train):
-    """The model, what the step calls forward (DDP- or compile-wrapped), the optimizer and the
-    schedule, the same for training and --benchmark."""
+    """The model, what the step calls forward (DDP- or compile-wrapped), the optimizer, the
+    schedule and the adversary (None without --adversarial), the same for training and
+    --benchmark."""
     use_fast_math(device, cfg.dtype)
     model = VQVAE(model_cfg).to(device)
     if cfg.channels_last:
@@ -166,13 +207,14 @@ def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_tr
     optimizer = make_adam([p for p in model.parameters() if p.requires_grad], cfg.lr, device)
     total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, ranks)
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, total_steps)
-    return model, forward, optimizer, scheduler
+    return model, forward, optimizer, scheduler, build_adversary(cfg, model_cfg, device, ranks, total_steps)
 
 
-def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig):
-    """One optimisation step on a float batch in [0, 1]. Returns the detached losses (total,
-    reconstruction, vq) as one device tensor, so nothing waits for the device, and the batch's
-    per-code counts."""
+def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, adversary=None):
+    """One optimisation step on a float batch in [0, 1] (and one of the discriminator's, when
+    `adversary` is given). Returns the detached losses (total, reconstruction, vq, the decoder's
+    adversarial loss, the discriminator's) as one device tensor, so nothing waits for the
+    device, and the batch's per-code counts."""
     model.train()
     if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
         flip = torch.rand(len(x), device=x.device) < 0.5
@@ -183,11 +225,43 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig):
         logits, vq_loss, _, stats = forward(x)
     recon = reconstruction_loss(logits, x, cfg.recon_loss, cfg.edge_loss)
     loss = recon + vq_loss
+    fooled = discriminated = torch.zeros((), device=x.device)
+    if adversary is not None:
+        fake = torch.sigmoid(logits.float())
+        fooled = generator_loss(judge(adversary.net, fake, autocast_dtype).float())
+        last_layer = model.decoder.net[-1].weight
+        loss = loss + cfg.adversarial * adaptive_weight(recon, fooled, last_layer) * fooled
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     scheduler.step()
-    return torch.stack([loss.detach(), recon.detach(), vq_loss.detach()]), stats["counts"].long()
+    if adversary is not None:
+        discriminated = discriminator_step(adversary, x, fake.detach(), autocast_dtype)
+    losses = [loss, recon, vq_loss, fooled, discriminated]
+    return torch.stack([v.detach() for v in losses]), stats["counts"].long()
+
+
+def judge(net, images, autocast_dtype):
+    """The discriminator's logits for the decoder's loss. Its weights are frozen for this pass:
+    the decoder's step needs the gradient at the images only."""
+    net.requires_grad_(False)
+    try:
+        with torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            return net(images)
+    finally:
+        net.requires_grad_(True)
+
+
+def discriminator_step(adversary, real, fake, autocast_dtype):
+    """One step of the discriminator on a batch of real slices and their reconstructions."""
+    with torch.autocast(real.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+        logits = adversary.forward(torch.cat([real, fake]))
+    real_logits, fake_logits = logits.float().chunk(2)
+    loss = discriminator_hinge_loss(real_logits, fake_logits)
+    adversary.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    adversary.optimizer.step()
+    return loss.detach()
 
 
 def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
@@ -213,18 +287,24 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
         if ranks.main:
             warn_about_leaking_cases(root)
 
-        model, forward, optimizer, scheduler = build_training(cfg, model_cfg, device, ranks, len(train_u8))
+        model, forward, optimizer, scheduler, adversary = build_training(cfg, model_cfg, device, ranks,
+                                                                         len(train_u8))
+        adversary_states = {} if adversary is None else {"discriminator": adversary.net,
+                                                         "discriminator_optimizer": adversary.optimizer}
         last_path = Path(cfg.checkpoint_dir) / "vqvae_last.pt"
         best_path = Path(cfg.checkpoint_dir) / "vqvae_best.pt"
         state = RunState(best=-1.0)
         if cfg.resume:
-            state = resume_run(last_path, "vqvae", "python train.py", model, model_cfg, optimizer, scheduler)
+            state = resume_run(last_path, "vqvae", "python train.py", model, model_cfg, optimizer, scheduler,
+                               extra_states=adversary_states)
         elif ranks.main:  # a new run's GIF must not pick up an older run's frames
             for old_frame in Path(cfg.progress_dir).glob("epoch_*.png"):
                 old_frame.unlink()
 
         def save(path):
-            save_checkpoint(path, checkpoint_payload("vqvae", model, model_cfg, cfg, optimizer, scheduler, state))
+            extras = {name: part.state_dict() for name, part in adversary_states.items()}
+            save_checkpoint(path, checkpoint_payload("vqvae", model, model_cfg, cfg, optimizer, scheduler, state,
+                                                     **extras))
 
         grid_ids = progress_indices(len(val_u8))
         n_steps = steps_per_epoch(len(train_u8), cfg.batch_size, ranks)
@@ -238,7 +318,8 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                 bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, progress, say)
                 for i in bar:
                     x = to_unit(train_u8[my_batch(order, i, cfg.batch_size, ranks)])
-                    step_losses, step_counts = train_step(model, forward, optimizer, scheduler, x, cfg)
+                    judging = adversary if adversary is not None and adversary.joined(state.step) else None
+                    step_losses, step_counts = train_step(model, forward, optimizer, scheduler, x, cfg, judging)
                     counts += step_counts
                     state.step, state.step_in_epoch = state.step + 1, i + 1
                     losses.add(step_losses)
@@ -252,22 +333,29 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                                               checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
                                               resume_command="python train.py --resume (with the same flags)")
                 bar.close()
-                train_loss, train_recon, train_vq = losses.means(ranks) or [float("nan")] * 3
+                train_loss, train_recon, train_vq, train_fooled, train_judged = (losses.means(ranks)
+                                                                                  or [float("nan")] * 5)
                 state.epoch, state.step_in_epoch = epoch + 1, 0
 
-                val_ssim, val_counts = evaluate(model, val_u8, ranks=ranks)
+                val_ssim, val_sharpness, val_counts = evaluate(model, val_u8, ranks=ranks)
                 perplexity, used = codebook_usage(val_counts)
+                judged = adversary is not None and adversary.joined(state.step - 1)  # its last step was judged
                 record = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
                           "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
-                          "val_ssim": val_ssim, "val_perplexity": perplexity, "val_codes_used": used,
-                          "seconds": time.time() - started}
+                          "train_adversarial": train_fooled, "train_discriminator": train_judged,
+                          "val_ssim": val_ssim, "val_sharpness": val_sharpness, "val_perplexity": perplexity,
+                          "val_codes_used": used, "adversarial": judged, "seconds": time.time() - started}
                 state.history.append(record)
                 say(f"epoch {epoch + 1:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
-                    f"| val SSIM {val_ssim:.4f} | perplexity {perplexity:.1f} | codes {used}/{model_cfg.num_codes} "
-                    f"| {record['seconds']:.0f}s")
+                    + (f"| adversarial {train_fooled:.3f}, discriminator {train_judged:.3f} " if judged else "")
+                    + f"| val SSIM {val_ssim:.4f} | sharpness {val_sharpness:.3f} | perplexity {perplexity:.1f} "
+                    f"| codes {used}/{model_cfg.num_codes} | {record['seconds']:.0f}s")
                 if ranks.main:
                     save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch + 1:03d}.png")
-                if val_ssim > state.best:  # every process holds the same all-reduced figure
+                # every process holds the same all-reduced figure; once the discriminator has joined, only
+                # its epochs compete (SSIM would pick the blur it is there to remove)
+                first_judged = judged and not any(r.get("adversarial") for r in state.history[:-1])
+                if val_ssim > state.best or first_judged:
                     state.best = val_ssim
                     if ranks.main:
                         save(best_path)
@@ -290,12 +378,13 @@ def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig, bench: TrainBen
     """Time training steps on the real training split; writes no checkpoint or image."""
     device, cfg = prepare_benchmark(cfg)
     train_u8, _ = load_split_tensor(resolve_data_root(cfg.data), "train", cfg.image_size, device)
-    model, forward, optimizer, scheduler = build_training(cfg, model_cfg, device, Ranks(), len(train_u8))
+    model, forward, optimizer, scheduler, adversary = build_training(cfg, model_cfg, device, Ranks(), len(train_u8))
     next_batch = (resident_batches if bench.benchmark_loader == "resident" else loader_batches)(
         train_u8, cfg.batch_size, cfg.seed, device)
-    figures = time_steps(lambda x: train_step(model, forward, optimizer, scheduler, x, cfg), next_batch, bench,
-                         batch_size=cfg.batch_size, device=device)
+    figures = time_steps(lambda x: train_step(model, forward, optimizer, scheduler, x, cfg, adversary), next_batch,
+                         bench, batch_size=cfg.batch_size, device=device)
     return report("train.py", {"loader": bench.benchmark_loader, "image_size": cfg.image_size, "dtype": cfg.dtype,
+                               "adversarial": cfg.adversarial,
                                "channels_last": cfg.channels_last, "compile": cfg.compile,
                                "hidden": model_cfg.hidden, "num_codes": model_cfg.num_codes}, figures)
 

@@ -9,7 +9,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 # Bottom layer first: each module may import only modules listed before it. The scripts come last.
 LIBRARY = ["errors", "files", "cli", "hardware", "metrics", "slices", "brain", "synth", "demo", "dataset", "vqvae",
-           "prior", "checkpoint", "training", "bench", "c2st", "lesions", "maps"]
+           "adversary", "prior", "checkpoint", "training", "bench", "c2st", "lesions", "maps"]
 SCRIPTS = ["train", "pixelcnn", "realism", "predict", "anomaly", "sweep"]
 ORDER = LIBRARY + SCRIPTS
 

@@ -51,20 +51,22 @@ def vqvae_configs(tiny_flags):
     return configs
 
 
-def test_vqvae_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_demo, vqvae_configs, monkeypatch):
+# --adversarial-from 0.25: the discriminator joins at step 2 of 8, before the stop at step 6
+@pytest.mark.parametrize("loss", [[], ["--adversarial", "1", "--adversarial-from", "0.25"]], ids=["plain", "adversarial"])
+def test_vqvae_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_demo, vqvae_configs, monkeypatch, loss):
     monkeypatch.chdir(tmp_path)  # the split cache goes here
-    straight_cfg, model_cfg = vqvae_configs(tmp_path / "straight", tiny_demo, "--epochs", "2")
+    straight_cfg, model_cfg = vqvae_configs(tmp_path / "straight", tiny_demo, "--epochs", "2", *loss)
     train.train(straight_cfg, model_cfg, progress=False)
     straight = torch.load(tmp_path / "straight" / "ck" / "vqvae_last.pt", weights_only=True)
 
-    cfg, model_cfg = vqvae_configs(tmp_path / "split", tiny_demo, "--epochs", "2")
+    cfg, model_cfg = vqvae_configs(tmp_path / "split", tiny_demo, "--epochs", "2", *loss)
     # 8 training images, batch 2: 4 steps an epoch; stop mid-way through the second epoch.
     with pytest.raises(KeyboardInterrupt, match="--resume"):
         train.train(cfg, model_cfg, progress=False, stop=StopAfter(6))
     halfway = torch.load(tmp_path / "split" / "ck" / "vqvae_last.pt", weights_only=True)
     assert halfway["run"]["step"] == 6 and halfway["run"]["step_in_epoch"] == 2
     torch.manual_seed(1234)  # whatever the global state now, resume must restore its own
-    resumed_cfg, _ = vqvae_configs(tmp_path / "split", tiny_demo, "--epochs", "2", "--resume")
+    resumed_cfg, _ = vqvae_configs(tmp_path / "split", tiny_demo, "--epochs", "2", "--resume", *loss)
     train.train(resumed_cfg, model_cfg, progress=False)
     resumed = torch.load(tmp_path / "split" / "ck" / "vqvae_last.pt", weights_only=True)
 
@@ -74,6 +76,9 @@ def test_vqvae_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_de
     assert straight["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
     for k, v in straight["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg"], resumed["optimizer"]["state"][k]["exp_avg"])
+    assert ("discriminator" in straight) == bool(loss)
+    for name, tensor in straight.get("discriminator", {}).items():
+        assert torch.equal(tensor, resumed["discriminator"][name]), name
 
 
 @pytest.mark.parametrize("augment", [[], ["--vflip"]], ids=["plain", "vflip"])

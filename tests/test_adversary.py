@@ -1,0 +1,122 @@
+"""The patch discriminator of --adversarial: its formulas on known inputs, and what a training
+step with it changes."""
+import dataclasses
+
+import pytest
+import torch
+
+import train
+from adversary import PatchDiscriminator, adaptive_weight, discriminator_hinge_loss, generator_loss
+from checkpoint import load_checkpoint
+from cli import parse_configs
+from errors import CheckpointError
+from vqvae import VQVAE, VQVAEConfig
+
+
+def test_the_discriminator_judges_overlapping_patches_of_a_256_slice():
+    logits = PatchDiscriminator()(torch.rand(2, 1, 256, 256))
+    assert logits.shape == (2, 1, 30, 30)
+
+
+def test_a_slices_logits_do_not_depend_on_its_batch_mates():
+    torch.manual_seed(0)
+    net, x = PatchDiscriminator(), torch.rand(3, 1, 64, 64)
+    alone = net(x[:1])
+    assert torch.allclose(net(x)[:1], alone, atol=1e-6)
+    assert torch.allclose(net(torch.cat([x[:1], torch.zeros(2, 1, 64, 64)]))[:1], alone, atol=1e-6)
+
+
+def test_hinge_losses_on_known_logits():
+    ones = torch.ones(4)
+    assert discriminator_hinge_loss(2 * ones, -2 * ones) == 0  # both beyond the margin: nothing to learn
+    assert discriminator_hinge_loss(0 * ones, 0 * ones) == 1
+    assert discriminator_hinge_loss(-ones, ones) == 2  # fooled both ways
+    assert generator_loss(torch.tensor([1.0, 3.0])) == -2
+
+
+def test_the_adaptive_weight_is_the_ratio_of_gradient_norms_on_the_last_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    out = layer(torch.randn(5, 3))
+    reconstruction, adversarial = (out ** 2).mean(), 7 * out[:, 0].mean()
+    expected = (torch.autograd.grad(reconstruction, layer.weight, retain_graph=True)[0].norm()
+                / (torch.autograd.grad(adversarial, layer.weight, retain_graph=True)[0].norm() + 1e-4))
+    weight = adaptive_weight(reconstruction, adversarial, layer.weight)
+    assert torch.isclose(weight, expected) and not weight.requires_grad
+    assert torch.isclose(adaptive_weight(reconstruction, 10 * adversarial, layer.weight), expected / 10, rtol=1e-3)
+
+
+@pytest.fixture()
+def tiny_training(tiny_flags):
+    def build(*extra):
+        cfg, model_cfg = parse_configs("", [train.TrainConfig, VQVAEConfig], [*tiny_flags.vqvae, *extra],
+                                       presets=train.PRESETS)
+        torch.manual_seed(0)
+        return cfg, *train.build_training(cfg, model_cfg, torch.device("cpu"), train.Ranks(), n_train=16)
+    return build
+
+
+def test_without_the_flag_there_is_no_discriminator(tiny_training):
+    *_, adversary = tiny_training()
+    assert adversary is None
+
+
+def test_a_step_with_the_adversary_trains_both_and_moves_the_decoder_otherwise(tiny_training):
+    x = torch.rand(8, 1, 32, 32)
+    cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1")
+    assert adversary.first_step == int(0.3 * cfg.epochs * 2)  # 16 images, batch 8: 2 steps an epoch
+    plain_cfg, plain, plain_forward, plain_optimizer, plain_scheduler, _ = tiny_training()
+    plain.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in adversary.net.state_dict().items()}
+
+    losses, _ = train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary)
+    plain_losses, _ = train.train_step(plain, plain_forward, plain_optimizer, plain_scheduler, x, plain_cfg)
+
+    assert losses.shape == (5,) and plain_losses[3] == plain_losses[4] == 0
+    assert torch.isclose(losses[1], plain_losses[1])  # the same reconstruction before the step...
+    assert losses[4] > 0 and any(not torch.equal(v, adversary.net.state_dict()[k]) for k, v in before.items())
+    last = "decoder.net.2.weight"  # ...but the discriminator's pull moved the decoder differently
+    assert not torch.allclose(model.state_dict()[last], plain.state_dict()[last])
+    assert all(p.requires_grad for p in adversary.net.parameters())
+
+
+def test_judging_for_the_decoder_leaves_the_discriminators_gradients_alone():
+    net = PatchDiscriminator()
+    images = torch.rand(2, 1, 32, 32, requires_grad=True)
+    generator_loss(train.judge(net, images, torch.float32)).backward()
+    assert images.grad is not None and all(p.grad is None for p in net.parameters())
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_only_epochs_with_the_discriminator_compete_for_best(tmp_path, tiny_demo, tiny_flags, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, model_cfg = parse_configs("", [train.TrainConfig, VQVAEConfig],
+                                   ["--data", str(tiny_demo), "--checkpoint-dir", "ck", "--progress-dir", "p",
+                                    *tiny_flags.vqvae, "--epochs", "3", "--adversarial", "1",
+                                    "--adversarial-from", "0.5"], presets=train.PRESETS)
+    history = train.train(cfg, model_cfg, progress=False)
+    assert [r["adversarial"] for r in history] == [False, True, True]
+    best = load_checkpoint("ck/vqvae_best.pt", "vqvae")
+    assert best["run"]["epoch"] >= 2 and "discriminator" in best
+    assert all(0 < r["val_sharpness"] < 5 for r in history)
+
+
+def test_resuming_without_the_discriminator_it_was_trained_with_is_refused(tmp_path, tiny_demo, tiny_flags,
+                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--data", str(tiny_demo), "--checkpoint-dir", "ck", "--progress-dir", "p", *tiny_flags.vqvae,
+             "--epochs", "1"]
+    cfg, model_cfg = parse_configs("", [train.TrainConfig, VQVAEConfig], flags, presets=train.PRESETS)
+    train.train(cfg, model_cfg, progress=False)
+    cfg, model_cfg = parse_configs("", [train.TrainConfig, VQVAEConfig],
+                                   [*flags, "--epochs", "2", "--resume", "--adversarial", "1"], presets=train.PRESETS)
+    with pytest.raises(CheckpointError, match="no discriminator"):
+        train.train(cfg, model_cfg, progress=False)
+
+
+def test_building_the_discriminator_leaves_the_vqvaes_random_stream_alone(tiny_training):
+    # so a run with --adversarial trains exactly as one without until the discriminator joins
+    tiny_training()
+    after_plain = torch.rand(3)
+    tiny_training("--adversarial", "1")
+    assert torch.equal(torch.rand(3), after_plain)
