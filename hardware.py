@@ -86,6 +86,12 @@ class Ranks:
             return flag
         return bool(self.sum(torch.tensor(float(flag), device=device)) > 0)
 
+    def wait_for_all(self):
+        """A barrier: the main process saves after the last collective, and a process that left
+        the group while another still worked could abort at exit."""
+        if self.started_group:
+            torch.distributed.barrier()
+
     def close(self):
         if self.started_group:
             torch.distributed.destroy_process_group()
@@ -114,6 +120,7 @@ def process_group(device_name):
     ranks, device = join_processes(device_name)
     try:
         yield ranks, device
+        ranks.wait_for_all()  # after a run that ended normally only: a failed process never arrives
     finally:
         ranks.close()
 
