@@ -48,11 +48,18 @@ def gradient_magnitude(images):
     return np.hypot(rows, cols)
 
 
+def edge_sums(images, references, inside):
+    """The summed gradient magnitudes of images and of their references over the pixels `inside`:
+    sharpness's two terms, which processes holding a share of the images each add up."""
+    return float(gradient_magnitude(images)[inside].sum()), float(gradient_magnitude(references)[inside].sum())
+
+
 def sharpness(images, references, inside):
     """Mean gradient magnitude of images over that of their references, over the pixels `inside`
     (bool, like the images): 1.0 = edges as strong as the references'. A blur lowers it; noise
     raises it, so it is read beside SSIM, never alone. Inputs (N, H, W) in [0, 1], same size."""
-    return float(gradient_magnitude(images)[inside].mean() / gradient_magnitude(references)[inside].mean())
+    edges, reference_edges = edge_sums(images, references, inside)
+    return edges / reference_edges
 
 
 def _window_means(x, out=None, scratch=None):

@@ -31,7 +31,7 @@ from errors import FlagError
 from files import image_grid, progress_indices, save_gray_png
 from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, use_fast_math,
                       wrap_for_ranks)
-from metrics import codebook_usage, gradient_magnitude, ssim_per_image
+from metrics import codebook_usage, edge_sums, ssim_per_image
 from slices import FOREGROUND_THRESHOLD, cases_in_several_splits
 from training import (EpochLosses, StopFlag, epoch_bar, epoch_order, loss_line, make_adam, make_scheduler, my_batch,
                       save_when_due_or_stopping, steps_per_epoch)
@@ -137,8 +137,7 @@ def evaluate(model, images_u8, batch_size=64, ranks=None):
     recon = torch.cat(recons) if recons else real
     ssim = ssim_per_image(real, recon) if len(mine) else np.zeros(0)
     real, recon = real[:, 0].numpy(), recon[:, 0].numpy()
-    inside = real > FOREGROUND_THRESHOLD
-    edges = [gradient_magnitude(recon)[inside].sum(), gradient_magnitude(real)[inside].sum()]
+    edges = edge_sums(recon, real, real > FOREGROUND_THRESHOLD)
     device = images_u8.device
     total = ranks.sum(torch.tensor([ssim.sum(), len(ssim), *edges], dtype=torch.float64, device=device))
     counts = ranks.sum(counts.to(device)).cpu()
