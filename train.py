@@ -58,6 +58,12 @@ class TrainConfig:
                              minimum=0.0)
     adversarial_from: float = opt(0.3, "share of the training steps before the discriminator joins, so that it "
                                        "first meets reconstructions worth judging", minimum=0.0, maximum=1.0)
+    adversarial_warmup: float = opt(0.1, "share of the training steps the discriminator trains alone once joined, "
+                                         "before the decoder hears it: until it tells real from reconstructed, "
+                                         "its verdict is noise the adaptive weight scales up", minimum=0.0,
+                                    maximum=1.0)
+    adversarial_lr: float = opt(1e-4, "the discriminator's Adam learning rate (betas 0.5, 0.9); at the VQ-VAE's "
+                                      "1e-3 it learns nothing, even against a fixed decoder", minimum=0.0)
     dtype: str = opt("auto", "autocast dtype of the convolutions (the quantizer stays float32); auto = "
                              "bfloat16 where the device has fast bf16 kernels (CUDA, CPUs with AVX-512 BF16), "
                              "float32 elsewhere", choices=["auto", "float32", "bfloat16"])
@@ -89,9 +95,10 @@ PRESETS = {
               "batch_size": 8},
     # OASIS at its own 256x256 on a 2-core CPU: two code levels (VQ-VAE-2), a 32x32 grid that the
     # quick prior models and a 64x64 one that holds the detail, for a detail prior given the coarse
-    # codes; 10 epochs, about 8 minutes with bf16 kernels (RESULTS.md, "Two code levels")
+    # codes; 14 epochs, about 12 minutes with bf16 kernels: with 10 the first learning-rate drop
+    # comes before some seeds have found their codes (RESULTS.md, "Two code levels")
     "full": {"image_size": 256, "n_downsample": 2, "levels": 2, "coarse_only": 0.25, "hidden": 64,
-             "res_hidden": 32, "num_codes": 256, "code_dim": 64, "batch_size": 8, "epochs": 10},
+             "res_hidden": 32, "num_codes": 256, "code_dim": 64, "batch_size": 8, "epochs": 14},
     # van den Oord et al. 2017 at full OASIS resolution: 256 hidden units everywhere, 512 x 64 codes
     # (chosen on a GPU)
     "paper": {"image_size": 256, "hidden": 256, "res_hidden": 256, "num_codes": 512, "code_dim": 64,
@@ -168,14 +175,22 @@ def edge_loss(reconstruction, x):
 @dataclass
 class Adversary:
     """--adversarial's discriminator: the network, what its step calls forward (DDP-wrapped), its
-    optimizer, and the training step it joins at."""
+    optimizer, the training step it joins at and the one from which the decoder hears it."""
     net: torch.nn.Module
     forward: object
     optimizer: torch.optim.Optimizer
     first_step: int
+    heard_from: int
 
     def joined(self, step):
         return step >= self.first_step
+
+    def heard(self, step):
+        return step >= self.heard_from
+
+
+# the usual GAN momentum (Radford et al. 2015; VQGAN): a short memory, for a target that moves
+GAN_BETAS = (0.5, 0.9)
 
 
 def build_adversary(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, total_steps):
@@ -188,8 +203,10 @@ def build_adversary(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, tot
     net = net.to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return Adversary(net, wrap_for_ranks(net, ranks, device), make_adam(net.parameters(), cfg.lr, device),
-                     int(cfg.adversarial_from * total_steps))
+    first_step = int(cfg.adversarial_from * total_steps)
+    return Adversary(net, wrap_for_ranks(net, ranks, device),
+                     make_adam(net.parameters(), cfg.adversarial_lr, device, betas=GAN_BETAS),
+                     first_step, first_step + int(cfg.adversarial_warmup * total_steps))
 
 
 def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_train):
@@ -209,11 +226,12 @@ def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_tr
     return model, forward, optimizer, scheduler, build_adversary(cfg, model_cfg, device, ranks, total_steps)
 
 
-def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, adversary=None):
+def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, adversary=None, decoder_hears=True):
     """One optimisation step on a float batch in [0, 1] (and one of the discriminator's, when
-    `adversary` is given). Returns the detached losses (total, reconstruction, vq, the decoder's
-    adversarial loss, the discriminator's) as one device tensor, so nothing waits for the
-    device, and the batch's per-code counts."""
+    `adversary` is given; its verdict enters the decoder's loss when `decoder_hears`). Returns the
+    detached losses (total, reconstruction, vq, the decoder's adversarial loss, the
+    discriminator's) as one device tensor, so nothing waits for the device, and the batch's
+    per-code counts."""
     model.train()
     if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
         flip = torch.rand(len(x), device=x.device) < 0.5
@@ -227,9 +245,10 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
     fooled = discriminated = torch.zeros((), device=x.device)
     if adversary is not None:
         fake = torch.sigmoid(logits.float())
-        fooled = generator_loss(judge(adversary.net, fake, autocast_dtype).float())
-        last_layer = model.decoder.net[-1].weight
-        loss = loss + cfg.adversarial * adaptive_weight(recon, fooled, last_layer) * fooled
+        if decoder_hears:
+            fooled = generator_loss(judge(adversary.net, fake, autocast_dtype).float())
+            last_layer = model.decoder.net[-1].weight
+            loss = loss + cfg.adversarial * adaptive_weight(recon, fooled, last_layer) * fooled
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -318,7 +337,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                 for i in bar:
                     x = to_unit(train_u8[my_batch(order, i, cfg.batch_size, ranks)])
                     judging = adversary if adversary is not None and adversary.joined(state.step) else None
-                    step_losses, step_counts = train_step(model, forward, optimizer, scheduler, x, cfg, judging)
+                    hears = judging is not None and judging.heard(state.step)
+                    step_losses, step_counts = train_step(model, forward, optimizer, scheduler, x, cfg, judging,
+                                                          decoder_hears=hears)
                     counts += step_counts
                     state.step, state.step_in_epoch = state.step + 1, i + 1
                     losses.add(step_losses)
@@ -338,12 +359,14 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
 
                 val_ssim, val_sharpness, val_counts = evaluate(model, val_u8, ranks=ranks)
                 perplexity, used = codebook_usage(val_counts)
-                judged = adversary is not None and adversary.joined(state.step - 1)  # its last step was judged
+                # the epoch's last step: the discriminator trained (judged), the decoder heard it (heard)
+                judged = adversary is not None and adversary.joined(state.step - 1)
+                heard = judged and adversary.heard(state.step - 1)
                 record = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
                           "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
                           "train_adversarial": train_fooled, "train_discriminator": train_judged,
                           "val_ssim": val_ssim, "val_sharpness": val_sharpness, "val_perplexity": perplexity,
-                          "val_codes_used": used, "adversarial": judged, "seconds": time.time() - started}
+                          "val_codes_used": used, "adversarial": heard, "seconds": time.time() - started}
                 state.history.append(record)
                 say(f"epoch {epoch + 1:3d} | loss {train_loss:.5f} (recon {train_recon:.5f}, vq {train_vq:.5f}) "
                     + (f"| adversarial {train_fooled:.3f}, discriminator {train_judged:.3f} " if judged else "")
@@ -351,10 +374,10 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                     f"| codes {used}/{model_cfg.num_codes} | {record['seconds']:.0f}s")
                 if ranks.main:
                     save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch + 1:03d}.png")
-                # every process holds the same all-reduced figure; once the discriminator has joined, only
-                # its epochs compete (SSIM would pick the blur it is there to remove)
-                first_judged = judged and not any(r.get("adversarial") for r in state.history[:-1])
-                if val_ssim > state.best or first_judged:
+                # every process holds the same all-reduced figure; once the decoder hears the discriminator,
+                # only such epochs compete (SSIM would pick the blur it is there to remove)
+                first_heard = heard and not any(r.get("adversarial") for r in state.history[:-1])
+                if val_ssim > state.best or first_heard:
                     state.best = val_ssim
                     if ranks.main:
                         save(best_path)

@@ -17,9 +17,9 @@ from errors import NonFiniteLoss
 from hardware import synchronize
 
 
-def make_adam(parameters, lr, device):
+def make_adam(parameters, lr, device, betas=(0.9, 0.999)):
     # The fused kernel exists on CUDA; elsewhere Adam's default (foreach) implementation is used.
-    return torch.optim.Adam(parameters, lr=lr, fused=device.type == "cuda" or None)
+    return torch.optim.Adam(parameters, lr=lr, betas=betas, fused=device.type == "cuda" or None)
 
 
 def epoch_order(n, seed, epoch):

@@ -80,6 +80,33 @@ def test_a_step_with_the_adversary_trains_both_and_moves_the_decoder_otherwise(t
     assert all(p.requires_grad for p in adversary.net.parameters())
 
 
+def test_during_the_warm_up_the_discriminator_trains_alone(tiny_training):
+    x = torch.rand(8, 1, 32, 32)
+    cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1", "--epochs", "10",
+                                                                         "--adversarial-warmup", "0.2")
+    assert adversary.heard_from == adversary.first_step + 4  # 20 steps in all
+    assert not adversary.heard(adversary.heard_from - 1) and adversary.heard(adversary.heard_from)
+    plain_cfg, plain, plain_forward, plain_optimizer, plain_scheduler, _ = tiny_training()
+    plain.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in adversary.net.state_dict().items()}
+
+    torch.manual_seed(1)  # the codebook's first seeding draws from it
+    losses, _ = train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary, decoder_hears=False)
+    torch.manual_seed(1)
+    train.train_step(plain, plain_forward, plain_optimizer, plain_scheduler, x, plain_cfg)
+
+    assert losses[3] == 0 and losses[4] > 0
+    assert any(not torch.equal(v, adversary.net.state_dict()[k]) for k, v in before.items())
+    for name, value in plain.state_dict().items():  # the decoder stepped as if there were no discriminator
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_the_discriminator_has_its_own_learning_rate_and_gan_momentum(tiny_training):
+    *_, adversary = tiny_training("--adversarial", "1", "--adversarial-lr", "3e-5")
+    group = adversary.optimizer.param_groups[0]
+    assert group["lr"] == 3e-5 and group["betas"] == (0.5, 0.9)
+
+
 def test_judging_for_the_decoder_leaves_the_discriminators_gradients_alone():
     net = PatchDiscriminator()
     images = torch.rand(2, 1, 32, 32, requires_grad=True)
@@ -92,10 +119,13 @@ def test_only_epochs_with_the_discriminator_compete_for_best(tmp_path, tiny_demo
     monkeypatch.chdir(tmp_path)
     cfg, model_cfg = parse_configs("", [train.TrainConfig, VQVAEConfig],
                                    ["--data", str(tiny_demo), "--checkpoint-dir", "ck", "--progress-dir", "p",
-                                    *tiny_flags.vqvae, "--epochs", "3", "--adversarial", "1",
-                                    "--adversarial-from", "0.5"], presets=train.PRESETS)
+                                    *tiny_flags.vqvae, "--epochs", "4", "--adversarial", "1",
+                                    "--adversarial-from", "0.25", "--adversarial-warmup", "0.25"],
+                                   presets=train.PRESETS)
     history = train.train(cfg, model_cfg, progress=False)
-    assert [r["adversarial"] for r in history] == [False, True, True]
+    # epoch 2: the discriminator trains alone; from epoch 3 the decoder hears it
+    assert [r["adversarial"] for r in history] == [False, False, True, True]
+    assert history[1]["train_discriminator"] > 0 and history[1]["train_adversarial"] == 0
     best = load_checkpoint("ck/vqvae_best.pt", "vqvae")
     assert best["run"]["epoch"] >= 2 and "discriminator" in best
     assert all(0 < r["val_sharpness"] < 5 for r in history)
