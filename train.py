@@ -62,6 +62,9 @@ class TrainConfig:
                                          "before the decoder hears it: until it tells real from reconstructed, "
                                          "its verdict is noise the adaptive weight scales up", minimum=0.0,
                                     maximum=1.0)
+    adversarial_ramp: float = opt(0.0, "share of the training steps over which the decoder's adversarial weight "
+                                        "rises from 0 to --adversarial once it hears the discriminator (0 = at "
+                                        "once)", minimum=0.0, maximum=1.0)
     adversarial_lr: float = opt(1e-4, "the discriminator's Adam learning rate (betas 0.5, 0.9); at the VQ-VAE's "
                                       "1e-3 it learns nothing, even against a fixed decoder", minimum=0.0)
     dtype: str = opt("auto", "autocast dtype of the convolutions (the quantizer stays float32); auto = "
@@ -181,12 +184,20 @@ class Adversary:
     optimizer: torch.optim.Optimizer
     first_step: int
     heard_from: int
+    ramp_steps: int = 0
 
     def joined(self, step):
         return step >= self.first_step
 
     def heard(self, step):
         return step >= self.heard_from
+
+    def share(self, step):
+        """How much of --adversarial the decoder's loss takes at this step: 0 before it hears the
+        discriminator, then rising linearly to 1 over the ramp."""
+        if not self.heard(step):
+            return 0.0
+        return min(1.0, (step - self.heard_from + 1) / self.ramp_steps) if self.ramp_steps else 1.0
 
 
 # the usual GAN momentum (Radford et al. 2015; VQGAN): a short memory, for a target that moves
@@ -206,7 +217,8 @@ def build_adversary(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, tot
     first_step = int(cfg.adversarial_from * total_steps)
     return Adversary(net, wrap_for_ranks(net, ranks, device),
                      make_adam(net.parameters(), cfg.adversarial_lr, device, betas=GAN_BETAS),
-                     first_step, first_step + int(cfg.adversarial_warmup * total_steps))
+                     first_step, first_step + int(cfg.adversarial_warmup * total_steps),
+                     int(cfg.adversarial_ramp * total_steps))
 
 
 def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_train):
@@ -226,9 +238,10 @@ def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_tr
     return model, forward, optimizer, scheduler, build_adversary(cfg, model_cfg, device, ranks, total_steps)
 
 
-def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, adversary=None, decoder_hears=True):
+def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, adversary=None, heard_share=1.0):
     """One optimisation step on a float batch in [0, 1] (and one of the discriminator's, when
-    `adversary` is given; its verdict enters the decoder's loss when `decoder_hears`). Returns the
+    `adversary` is given; its verdict enters the decoder's loss at `heard_share` of
+    --adversarial, not at all when 0). Returns the
     detached losses (total, reconstruction, vq, the decoder's adversarial loss, the
     discriminator's) as one device tensor, so nothing waits for the device, and the batch's
     per-code counts."""
@@ -245,10 +258,10 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
     fooled = discriminated = torch.zeros((), device=x.device)
     if adversary is not None:
         fake = torch.sigmoid(logits.float())
-        if decoder_hears:
+        if heard_share > 0:
             fooled = generator_loss(judge(adversary.net, fake, autocast_dtype).float())
             last_layer = model.decoder.net[-1].weight
-            loss = loss + cfg.adversarial * adaptive_weight(recon, fooled, last_layer) * fooled
+            loss = loss + heard_share * cfg.adversarial * adaptive_weight(recon, fooled, last_layer) * fooled
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -337,9 +350,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                 for i in bar:
                     x = to_unit(train_u8[my_batch(order, i, cfg.batch_size, ranks)])
                     judging = adversary if adversary is not None and adversary.joined(state.step) else None
-                    hears = judging is not None and judging.heard(state.step)
+                    share = judging.share(state.step) if judging is not None else 0.0
                     step_losses, step_counts = train_step(model, forward, optimizer, scheduler, x, cfg, judging,
-                                                          decoder_hears=hears)
+                                                          heard_share=share)
                     counts += step_counts
                     state.step, state.step_in_epoch = state.step + 1, i + 1
                     losses.add(step_losses)

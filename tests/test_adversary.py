@@ -91,7 +91,7 @@ def test_during_the_warm_up_the_discriminator_trains_alone(tiny_training):
     before = {k: v.clone() for k, v in adversary.net.state_dict().items()}
 
     torch.manual_seed(1)  # the codebook's first seeding draws from it
-    losses, _ = train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary, decoder_hears=False)
+    losses, _ = train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary, heard_share=0.0)
     torch.manual_seed(1)
     train.train_step(plain, plain_forward, plain_optimizer, plain_scheduler, x, plain_cfg)
 
@@ -99,6 +99,15 @@ def test_during_the_warm_up_the_discriminator_trains_alone(tiny_training):
     assert any(not torch.equal(v, adversary.net.state_dict()[k]) for k, v in before.items())
     for name, value in plain.state_dict().items():  # the decoder stepped as if there were no discriminator
         assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_the_decoders_share_of_the_adversarial_loss_ramps_up_once_it_hears(tiny_training):
+    *_, adversary = tiny_training("--adversarial", "1", "--epochs", "10", "--adversarial-warmup", "0.2",
+                                  "--adversarial-ramp", "0.2")
+    start = adversary.heard_from
+    assert [adversary.share(start + k) for k in (-1, 0, 1, 3, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0, 1.0]
+    *_, at_once = tiny_training("--adversarial", "1")
+    assert at_once.share(at_once.heard_from) == 1.0 and at_once.share(at_once.heard_from - 1) == 0.0
 
 
 def test_the_discriminator_has_its_own_learning_rate_and_gan_momentum(tiny_training):
