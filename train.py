@@ -98,8 +98,8 @@ PRESETS = {
               "batch_size": 8},
     # OASIS at its own 256x256 on a 2-core CPU: two code levels (VQ-VAE-2), a 32x32 grid that the
     # quick prior models and a 64x64 one that holds the detail, for a detail prior given the coarse
-    # codes; 14 epochs, about 12 minutes with bf16 kernels: with 10 the first learning-rate drop
-    # comes before some seeds have found their codes (RESULTS.md, "Two code levels")
+    # codes; 14 epochs, about 11 minutes with bf16 kernels: with 10, seeds 1 and 2 stopped while
+    # still rising (RESULTS.md, "Two code levels")
     "full": {"image_size": 256, "n_downsample": 2, "levels": 2, "coarse_only": 0.25, "hidden": 64,
              "res_hidden": 32, "num_codes": 256, "code_dim": 64, "batch_size": 8, "epochs": 14},
     # van den Oord et al. 2017 at full OASIS resolution: 256 hidden units everywhere, 512 x 64 codes
@@ -241,10 +241,9 @@ def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_tr
 def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, adversary=None, heard_share=1.0):
     """One optimisation step on a float batch in [0, 1] (and one of the discriminator's, when
     `adversary` is given; its verdict enters the decoder's loss at `heard_share` of
-    --adversarial, not at all when 0). Returns the
-    detached losses (total, reconstruction, vq, the decoder's adversarial loss, the
-    discriminator's) as one device tensor, so nothing waits for the device, and the batch's
-    per-code counts."""
+    --adversarial, not at all when 0). Returns the detached losses (total, reconstruction, vq,
+    the decoder's adversarial loss, the discriminator's) as one device tensor, so nothing waits
+    for the device, and the batch's per-code counts."""
     model.train()
     if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
         flip = torch.rand(len(x), device=x.device) < 0.5
