@@ -200,6 +200,24 @@ class Adversary:
         return min(1.0, (step - self.heard_from + 1) / self.ramp_steps) if self.ramp_steps else 1.0
 
 
+ADVERSARIAL_SCHEDULE = ("adversarial_from", "adversarial_warmup", "adversarial_ramp", "adversarial_lr")
+
+
+def check_adversarial_flags(cfg: TrainConfig):
+    """Refuse discriminator settings that would do nothing: set without --adversarial, or a
+    discriminator whose warm-up outlasts the run, so the decoder never hears it."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if not cfg.adversarial:
+        changed = [name for name in ADVERSARIAL_SCHEDULE if getattr(cfg, name) != defaults[name]]
+        if changed:
+            raise FlagError(f"--{changed[0].replace('_', '-')} needs --adversarial W (W > 0): without it "
+                            f"there is no discriminator")
+    elif cfg.adversarial_from + cfg.adversarial_warmup >= 1:
+        raise FlagError(f"--adversarial-from {cfg.adversarial_from} plus --adversarial-warmup "
+                        f"{cfg.adversarial_warmup} reach the end of the run: the decoder would never hear the "
+                        f"discriminator")
+
+
 # the usual GAN momentum (Radford et al. 2015; VQGAN): a short memory, for a target that moves
 GAN_BETAS = (0.5, 0.9)
 
@@ -303,6 +321,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     """
     if model_cfg.coarse_only and model_cfg.levels == 1:
         raise FlagError(f"--coarse-only {model_cfg.coarse_only} needs --levels 2 (one level has no coarse codes)")
+    check_adversarial_flags(cfg)
     with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, "vqvae", ranks.main):
         progress = progress and ranks.main
         set_seed(cfg.seed)

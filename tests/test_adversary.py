@@ -159,3 +159,20 @@ def test_building_the_discriminator_leaves_the_vqvaes_random_stream_alone(tiny_t
     after_plain = torch.rand(3)
     tiny_training("--adversarial", "1")
     assert torch.equal(torch.rand(3), after_plain)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adversarial-ramp", "0.1"], "error: --adversarial-ramp needs --adversarial W"),
+    (["--adversarial-lr", "3e-5"], "error: --adversarial-lr needs --adversarial W"),
+    (["--adversarial", "1", "--adversarial-from", "0.9", "--adversarial-warmup", "0.1"],
+     "error: --adversarial-from 0.9 plus --adversarial-warmup 0.1 reach the end of the run"),
+], ids=["ramp-alone", "lr-alone", "never-heard"])
+def test_discriminator_settings_that_would_do_nothing_are_refused_in_one_line(tmp_path, tiny_demo, tiny_flags,
+                                                                              monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(tiny_demo), *tiny_flags.vqvae, *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(message) and "\n" not in error
+    assert not (tmp_path / "checkpoints").exists()
