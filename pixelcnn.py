@@ -65,7 +65,7 @@ class PriorTrainConfig:
     detail_layers: int = opt(6, "gated layers of the detail prior: it sees the coarse codes everywhere, so "
                                 "a few rows above each fine code suffice", minimum=1)
     detail_kernel: int = opt(5, "kernel width of the detail prior's gated layers (odd)", minimum=3)
-    detail_minutes: float = opt(8.0, "time budget of the detail prior's training, as --minutes is the coarse "
+    detail_minutes: float = opt(7.0, "time budget of the detail prior's training, as --minutes is the coarse "
                                      "prior's; 0 = all --epochs")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")

@@ -7,7 +7,8 @@
     torchrun --nproc_per_node=4 train.py ... # DistributedDataParallel, one process per GPU
 
 Every epoch logs losses, codebook perplexity and codes used, and the validation SSIM and sharpness;
-keeps checkpoints/vqvae_last.pt and the best-by-validation-SSIM checkpoints/vqvae_best.pt;
+keeps checkpoints/vqvae_last.pt and the best-by-validation-SSIM checkpoints/vqvae_best.pt (with
+--adversarial, the last epoch);
 and writes a fixed grid of validation reconstructions to out/progress/ for the GIF.
 """
 import dataclasses
@@ -56,15 +57,19 @@ class TrainConfig:
                                   "the gradient-norm balance that makes 1 pull as hard as the reconstruction loss "
                                   "(0 = none); it asks for edges and texture a per-pixel loss lets blur away",
                              minimum=0.0)
-    adversarial_from: float = opt(0.3, "share of the training steps before the discriminator joins, so that it "
-                                       "first meets reconstructions worth judging", minimum=0.0, maximum=1.0)
-    adversarial_warmup: float = opt(0.1, "share of the training steps the discriminator trains alone once joined, "
-                                         "before the decoder hears it: until it tells real from reconstructed, "
-                                         "its verdict is noise the adaptive weight scales up", minimum=0.0,
-                                    maximum=1.0)
-    adversarial_ramp: float = opt(0.0, "share of the training steps over which the decoder's adversarial weight "
+    adversarial_from: float = opt(0.76, "share of the training steps before the discriminator joins, so that it "
+                                        "first meets reconstructions worth judging", minimum=0.0, maximum=1.0)
+    adversarial_warmup: float = opt(0.06, "share of the training steps the discriminator trains alone once "
+                                          "joined, before the decoder hears it: until it tells real from "
+                                          "reconstructed, its verdict is noise the adaptive weight scales up",
+                                    minimum=0.0, maximum=1.0)
+    adversarial_ramp: float = opt(0.06, "share of the training steps over which the decoder's adversarial weight "
                                         "rises from 0 to --adversarial once it hears the discriminator (0 = at "
                                         "once)", minimum=0.0, maximum=1.0)
+    adversarial_freeze_codes: bool = opt(True, "freeze the encoder and codebooks once the decoder hears the "
+                                               "discriminator: the decoder alone learns from it, and the codes "
+                                               "stay as the reconstruction loss made them (when the whole model "
+                                               "heard it, codebook usage collapsed on one seed in three)")
     adversarial_lr: float = opt(1e-4, "the discriminator's Adam learning rate (betas 0.5, 0.9); at the VQ-VAE's "
                                       "1e-3 it learns nothing, even against a fixed decoder", minimum=0.0)
     dtype: str = opt("auto", "autocast dtype of the convolutions (the quantizer stays float32); auto = "
@@ -98,10 +103,11 @@ PRESETS = {
               "batch_size": 8},
     # OASIS at its own 256x256 on a 2-core CPU: two code levels (VQ-VAE-2), a 32x32 grid that the
     # quick prior models and a 64x64 one that holds the detail, for a detail prior given the coarse
-    # codes; 14 epochs, about 11 minutes with bf16 kernels: with 10, seeds 1 and 2 stopped while
-    # still rising (RESULTS.md, "Two code levels")
+    # codes; 17 epochs, about 14 minutes with bf16 kernels, the last three of them a patch
+    # discriminator's: it sharpens the decoder over frozen codes (RESULTS.md, "Two code levels")
     "full": {"image_size": 256, "n_downsample": 2, "levels": 2, "coarse_only": 0.25, "hidden": 64,
-             "res_hidden": 32, "num_codes": 256, "code_dim": 64, "batch_size": 8, "epochs": 14},
+             "res_hidden": 32, "num_codes": 256, "code_dim": 64, "batch_size": 8, "epochs": 17,
+             "adversarial": 1.0},
     # van den Oord et al. 2017 at full OASIS resolution: 256 hidden units everywhere, 512 x 64 codes
     # (chosen on a GPU)
     "paper": {"image_size": 256, "hidden": 256, "res_hidden": 256, "num_codes": 512, "code_dim": 64,
@@ -200,12 +206,14 @@ class Adversary:
         return min(1.0, (step - self.heard_from + 1) / self.ramp_steps) if self.ramp_steps else 1.0
 
 
-ADVERSARIAL_SCHEDULE = ("adversarial_from", "adversarial_warmup", "adversarial_ramp", "adversarial_lr")
+ADVERSARIAL_SCHEDULE = ("adversarial_from", "adversarial_warmup", "adversarial_ramp", "adversarial_lr",
+                        "adversarial_freeze_codes")
 
 
 def check_adversarial_flags(cfg: TrainConfig):
-    """Refuse discriminator settings that would do nothing: set without --adversarial, or a
-    discriminator whose warm-up outlasts the run, so the decoder never hears it."""
+    """Refuse discriminator settings that would do nothing: set without --adversarial, a
+    discriminator whose warm-up outlasts the run, so the decoder never hears it, or codes frozen
+    from the first step."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     if not cfg.adversarial:
         changed = [name for name in ADVERSARIAL_SCHEDULE if getattr(cfg, name) != defaults[name]]
@@ -216,6 +224,9 @@ def check_adversarial_flags(cfg: TrainConfig):
         raise FlagError(f"--adversarial-from {cfg.adversarial_from} plus --adversarial-warmup "
                         f"{cfg.adversarial_warmup} reach the end of the run: the decoder would never hear the "
                         f"discriminator")
+    elif cfg.adversarial_freeze_codes and cfg.adversarial_from + cfg.adversarial_warmup == 0:
+        raise FlagError("--adversarial-freeze-codes with --adversarial-from 0 and --adversarial-warmup 0 would "
+                        "freeze the codes before they learn anything (--no-adversarial-freeze-codes)")
 
 
 # the usual GAN momentum (Radford et al. 2015; VQGAN): a short memory, for a target that moves
@@ -263,6 +274,10 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
     the decoder's adversarial loss, the discriminator's) as one device tensor, so nothing waits
     for the device, and the batch's per-code counts."""
     model.train()
+    freeze_codes = adversary is not None and heard_share > 0 and cfg.adversarial_freeze_codes
+    if freeze_codes:  # no EMA updates, no re-seeded codes
+        for quantizer in code_quantizers(model):
+            quantizer.eval()
     if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
         flip = torch.rand(len(x), device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
@@ -281,12 +296,25 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
             loss = loss + heard_share * cfg.adversarial * adaptive_weight(recon, fooled, last_layer) * fooled
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if freeze_codes:  # Adam leaves a parameter without a gradient alone
+        for p in code_parameters(model):
+            p.grad = None
     optimizer.step()
     scheduler.step()
     if adversary is not None:
         discriminated = discriminator_step(adversary, x, fake.detach(), autocast_dtype)
     losses = [loss, recon, vq_loss, fooled, discriminated]
     return torch.stack([v.detach() for v in losses]), stats["counts"].long()
+
+
+def code_quantizers(model):
+    return [model.quantizer] + ([model.top.quantizer] if model.top is not None else [])
+
+
+def code_parameters(model):
+    """What decides the codes: the encoder's weights and the coarse level's (codebooks included)."""
+    parts = [model.encoder, model.quantizer] + ([model.top] if model.top is not None else [])
+    return [p for part in parts for p in part.parameters()]
 
 
 def judge(net, images, autocast_dtype):
@@ -405,16 +433,18 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                     f"| codes {used}/{model_cfg.num_codes} | {record['seconds']:.0f}s")
                 if ranks.main:
                     save_progress_grid(model, val_u8[grid_ids], Path(cfg.progress_dir) / f"epoch_{epoch + 1:03d}.png")
-                # every process holds the same all-reduced figure; once the decoder hears the discriminator,
-                # only such epochs compete (SSIM would pick the blur it is there to remove)
-                first_heard = heard and not any(r.get("adversarial") for r in state.history[:-1])
-                if val_ssim > state.best or first_heard:
+                # every process holds the same all-reduced figure. With a discriminator the last epoch is
+                # kept: validation SSIM prefers the blur it is there to remove, down to the epochs that
+                # barely heard it, and its dips (RESULTS.md, "A patch discriminator")
+                keep = heard if adversary is not None else val_ssim > state.best
+                if keep:
                     state.best = val_ssim
                     if ranks.main:
                         save(best_path)
                 if ranks.main:
                     save(last_path)
-        say(f"best validation SSIM {state.best:.4f} -> {best_path}")
+        say(f"best validation SSIM {state.best:.4f}{' (the last epoch)' if adversary is not None else ''} "
+            f"-> {best_path}")
         return state.history
 
 

@@ -63,8 +63,9 @@ def test_without_the_flag_there_is_no_discriminator(tiny_training):
 
 def test_a_step_with_the_adversary_trains_both_and_moves_the_decoder_otherwise(tiny_training):
     x = torch.rand(8, 1, 32, 32)
-    cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1")
-    assert adversary.first_step == int(0.3 * cfg.epochs * 2)  # 16 images, batch 8: 2 steps an epoch
+    cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1",
+                                                                         "--no-adversarial-freeze-codes")
+    assert adversary.first_step == int(0.76 * cfg.epochs * 2)  # 16 images, batch 8: 2 steps an epoch
     plain_cfg, plain, plain_forward, plain_optimizer, plain_scheduler, _ = tiny_training()
     plain.load_state_dict(model.state_dict())
     before = {k: v.clone() for k, v in adversary.net.state_dict().items()}
@@ -101,12 +102,34 @@ def test_during_the_warm_up_the_discriminator_trains_alone(tiny_training):
         assert torch.equal(model.state_dict()[name], value), name
 
 
+@pytest.mark.parametrize("levels", ["1", "2"])
+def test_with_frozen_codes_only_the_decoder_learns_once_it_hears(tiny_training, levels):
+    x = torch.rand(8, 1, 32, 32)
+    cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1", "--levels", levels,
+                                                                         "--adversarial-freeze-codes")
+    torch.manual_seed(1)
+    train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary, heard_share=0.0)
+    assert model.quantizer.training  # during the warm-up the codes still learn
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(2)
+    train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary, heard_share=1.0)
+
+    after = model.state_dict()
+    code_side = [k for k in after if not k.startswith("decoder.")]
+    assert any("ema_sum" in k for k in code_side) and any(k.startswith("encoder.") for k in code_side)
+    assert any(k.startswith("top.") for k in code_side) == (levels == "2")
+    for name in code_side:  # encoder, codebooks and their EMA statistics stay put
+        assert torch.equal(after[name], before[name]), name
+    assert not torch.equal(after["decoder.net.2.weight"], before["decoder.net.2.weight"])
+
+
 def test_the_decoders_share_of_the_adversarial_loss_ramps_up_once_it_hears(tiny_training):
     *_, adversary = tiny_training("--adversarial", "1", "--epochs", "10", "--adversarial-warmup", "0.2",
                                   "--adversarial-ramp", "0.2")
     start = adversary.heard_from
     assert [adversary.share(start + k) for k in (-1, 0, 1, 3, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0, 1.0]
-    *_, at_once = tiny_training("--adversarial", "1")
+    *_, at_once = tiny_training("--adversarial", "1", "--adversarial-ramp", "0")
     assert at_once.share(at_once.heard_from) == 1.0 and at_once.share(at_once.heard_from - 1) == 0.0
 
 
@@ -124,7 +147,7 @@ def test_judging_for_the_decoder_leaves_the_discriminators_gradients_alone():
     assert all(p.requires_grad for p in net.parameters())
 
 
-def test_only_epochs_with_the_discriminator_compete_for_best(tmp_path, tiny_demo, tiny_flags, monkeypatch):
+def test_with_the_discriminator_the_last_epoch_is_kept_as_best(tmp_path, tiny_demo, tiny_flags, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg, model_cfg = parse_configs("", [train.TrainConfig, VQVAEConfig],
                                    ["--data", str(tiny_demo), "--checkpoint-dir", "ck", "--progress-dir", "p",
@@ -135,8 +158,9 @@ def test_only_epochs_with_the_discriminator_compete_for_best(tmp_path, tiny_demo
     # epoch 2: the discriminator trains alone; from epoch 3 the decoder hears it
     assert [r["adversarial"] for r in history] == [False, False, True, True]
     assert history[1]["train_discriminator"] > 0 and history[1]["train_adversarial"] == 0
-    best = load_checkpoint("ck/vqvae_best.pt", "vqvae")
-    assert best["run"]["epoch"] >= 2 and "discriminator" in best
+    best, last = load_checkpoint("ck/vqvae_best.pt", "vqvae"), load_checkpoint("ck/vqvae_last.pt", "vqvae")
+    assert best["run"]["epoch"] == 4 and "discriminator" in best
+    assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
     assert all(0 < r["val_sharpness"] < 5 for r in history)
 
 
@@ -166,7 +190,9 @@ def test_building_the_discriminator_leaves_the_vqvaes_random_stream_alone(tiny_t
     (["--adversarial-lr", "3e-5"], "error: --adversarial-lr needs --adversarial W"),
     (["--adversarial", "1", "--adversarial-from", "0.9", "--adversarial-warmup", "0.1"],
      "error: --adversarial-from 0.9 plus --adversarial-warmup 0.1 reach the end of the run"),
-], ids=["ramp-alone", "lr-alone", "never-heard"])
+    (["--adversarial", "1", "--adversarial-from", "0", "--adversarial-warmup", "0"],
+     "error: --adversarial-freeze-codes with --adversarial-from 0 and --adversarial-warmup 0 would freeze"),
+], ids=["ramp-alone", "lr-alone", "never-heard", "frozen-from-the-start"])
 def test_discriminator_settings_that_would_do_nothing_are_refused_in_one_line(tmp_path, tiny_demo, tiny_flags,
                                                                               monkeypatch, capsys, flags, message):
     monkeypatch.chdir(tmp_path)
