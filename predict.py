@@ -274,7 +274,8 @@ def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, detail, root, image_si
     held_out = (to_unit(torch.cat([validate_u8, test_u8])).cpu(),
                 np.concatenate([validate_set.case_ids, test_case_ids]))
     report = realism_report(samples, to_unit(train_u8).cpu(), train_recon, train_set.case_ids,
-                            to_unit(test_u8).cpu(), test_recon, held_out=held_out, n_folds=cfg.realism_folds,
+                            to_unit(test_u8).cpu(), test_recon, held_out=held_out,
+                            test_case_ids=test_case_ids, n_folds=cfg.realism_folds,
                             epochs=cfg.realism_epochs, lr=cfg.realism_lr, batch_size=cfg.realism_batch_size,
                             nn_train=cfg.realism_nn_train, seed=cfg.seed, device=device,
                             input_size=cfg.realism_size)

@@ -100,14 +100,29 @@ def shape_figures(images_by_name):
             "roughness_definition": "perimeter / sqrt(area) of the non-black region; about 3.2 for a disc"}
 
 
+def decoder_ceiling(reconstructions, reconstruction_ids, held_out, n, judged, *, seed, **c2st_args):
+    """The same C2ST against real held-out slices, with reconstructions of held-out slices in
+    place of samples (n of them, the samples' count, so the classifier sees as many of each).
+    No prior is involved: samples drawn through this decoder cannot pass for real slices more
+    than its reconstructions do. judged: the headline's result, whose controls (same classifier,
+    budget, input size and n) stand for this test too."""
+    keep = random_subset(len(reconstructions), n, np.random.default_rng(seed))
+    real, real_ids = held_out
+    result = classifier_two_sample_test(reconstructions[keep], real, np.asarray(reconstruction_ids)[keep], real_ids,
+                                        seed=seed, input_size=judged["input_size"], **c2st_args)
+    return {**result, "input_size": judged["input_size"], "valid": judged["valid"], "controls": judged["controls"],
+            "sides": {"a": "VQ-VAE reconstructions of test slices", "b": judged["sides"]["b"]}}
+
+
 def realism_report(samples, train_images, train_recon, train_case_ids, test_images, test_recon, *,
-                   held_out=None, n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0, device="cpu",
+                   held_out=None, test_case_ids=None, n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0, device="cpu",
                    input_size=0):
     """Every realism figure for `samples` (all image tensors (N, 1, H, W) in [0, 1]).
 
     The headline, `c2st_real`: samples against real held-out slices (held_out = (images,
     subjects), the validate and test splits), controls on the real train slices; it judges
-    what a user sees, the decoder's blur included. Beside it, `c2st` (and `c2st_64`, the coarse
+    what a user sees, the decoder's blur included. With test_case_ids (test_recon's subjects),
+    `c2st_decoder` is its ceiling: reconstructions in place of samples. Beside them, `c2st` (and `c2st_64`, the coarse
     64 px view) judge samples against VQ-VAE reconstructions of the train split, so the
     decoder is the same on both sides and only the prior is judged. input_size: the side the
     classifier sees (0 = the images' own). Nearest-neighbour SSIM and the distribution distances
@@ -121,11 +136,14 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
     c2st_args = {"n_folds": n_folds, "epochs": epochs, "lr": lr, "batch_size": batch_size, "device": device}
     size = min(input_size or samples.shape[-1], samples.shape[-1])
     reconstructed = ("VQ-VAE reconstructions of train slices", train_recon, train_case_ids)
-    c2st_real = None
+    c2st_real = c2st_decoder = None
     if held_out is not None:
         c2st_real = judged_c2st(samples, *held_out, controls_on=("real train slices", train_images, train_case_ids),
                                 input_size=size, seed=seed, **c2st_args)
         c2st_real["sides"] = {"a": "generated", "b": "real held-out slices (validate and test)"}
+        if test_case_ids is not None:
+            c2st_decoder = decoder_ceiling(test_recon, test_case_ids, held_out, c2st_real["n_per_class"], c2st_real,
+                                           seed=seed, **c2st_args)
     c2st = judged_c2st(samples, train_recon, train_case_ids, controls_on=reconstructed, input_size=size, seed=seed,
                        **c2st_args)
     c2st["sides"] = {"a": "generated", "b": reconstructed[0]}
@@ -147,6 +165,7 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
                             "structural_similarity, data_range=1.0); mean and max over images"}
     return {
         "c2st_real": c2st_real,
+        "c2st_decoder": c2st_decoder,
         "c2st": c2st,
         "c2st_valid": c2st["valid"],
         "controls_pass": c2st["valid"],
@@ -164,17 +183,21 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
     }
 
 
+SIDE_NAMES = {"VQ-VAE reconstructions of test slices": "reconstructions (the decoder's ceiling)"}
+
+
 def _c2st_line(c2st):
     controls = c2st["controls"]
     verdict = "valid" if c2st["valid"] else "NOT VALID (controls failed)"
-    return (f"C2ST at {c2st['input_size']} px, generated vs {c2st['sides']['b']}: {c2st['accuracy']:.3f} "
+    return (f"C2ST at {c2st['input_size']} px, {SIDE_NAMES.get(c2st['sides']['a'], c2st['sides']['a'])} vs "
+            f"{c2st['sides']['b']}: {c2st['accuracy']:.3f} "
             f"(0.5 = indistinguishable; folds {', '.join(f'{a:.2f}' for a in c2st['fold_accuracies'])}) | "
             f"controls: real vs real {controls['real_vs_real']['accuracy']:.3f}, blurred vs real "
             f"{controls['blurred_vs_real']['accuracy']:.3f} -> {verdict}")
 
 
 def print_realism(report):
-    for c2st in (report.get("c2st_real"), report["c2st"], report["c2st_64"]):
+    for c2st in (report.get("c2st_real"), report.get("c2st_decoder"), report["c2st"], report["c2st_64"]):
         if c2st is not None:
             print(_c2st_line(c2st))
     nn_ssim = report["nn_ssim"]

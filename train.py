@@ -57,7 +57,7 @@ class TrainConfig:
                                   "the gradient-norm balance that makes 1 pull as hard as the reconstruction loss "
                                   "(0 = none); it asks for edges and texture a per-pixel loss lets blur away",
                              minimum=0.0)
-    adversarial_from: float = opt(0.76, "share of the training steps before the discriminator joins, so that it "
+    adversarial_from: float = opt(0.72, "share of the training steps before the discriminator joins, so that it "
                                         "first meets reconstructions worth judging", minimum=0.0, maximum=1.0)
     adversarial_warmup: float = opt(0.06, "share of the training steps the discriminator trains alone once "
                                           "joined, before the decoder hears it: until it tells real from "
@@ -67,8 +67,9 @@ class TrainConfig:
                                         "rises from 0 to --adversarial once it hears the discriminator (0 = at "
                                         "once)", minimum=0.0, maximum=1.0)
     adversarial_freeze_codes: bool = opt(True, "freeze the encoder and codebooks once the decoder hears the "
-                                               "discriminator: the decoder alone learns from it, and the codes "
-                                               "stay as the reconstruction loss made them (when the whole model "
+                                               "discriminator: the decoder alone learns from it (the step skips "
+                                               "the encoder's backward pass), and the codes stay as the "
+                                               "reconstruction loss made them (when the whole model "
                                                "heard it, codebook usage collapsed on one seed in three)")
     adversarial_lr: float = opt(1e-4, "the discriminator's Adam learning rate (betas 0.5, 0.9); at the VQ-VAE's "
                                       "1e-3 it learns nothing, even against a fixed decoder", minimum=0.0)
@@ -103,10 +104,10 @@ PRESETS = {
               "batch_size": 8},
     # OASIS at its own 256x256 on a 2-core CPU: two code levels (VQ-VAE-2), a 32x32 grid that the
     # quick prior models and a 64x64 one that holds the detail, for a detail prior given the coarse
-    # codes; 17 epochs, about 14 minutes with bf16 kernels, the last three of them a patch
+    # codes; 18 epochs, about 15 minutes with bf16 kernels, the last four of them a patch
     # discriminator's: it sharpens the decoder over frozen codes (RESULTS.md, "Two code levels")
     "full": {"image_size": 256, "n_downsample": 2, "levels": 2, "coarse_only": 0.25, "hidden": 64,
-             "res_hidden": 32, "num_codes": 256, "code_dim": 64, "batch_size": 8, "epochs": 17,
+             "res_hidden": 32, "num_codes": 256, "code_dim": 64, "batch_size": 8, "epochs": 18,
              "adversarial": 1.0},
     # van den Oord et al. 2017 at full OASIS resolution: 256 hidden units everywhere, 512 x 64 codes
     # (chosen on a GPU)
@@ -258,13 +259,18 @@ def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_tr
     model = VQVAE(model_cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = wrap_for_ranks(model, ranks, device)
-    if cfg.compile:
-        forward = torch.compile(forward)
+    forward = step_forward(model, cfg, ranks, device)
     optimizer = make_adam([p for p in model.parameters() if p.requires_grad], cfg.lr, device)
     total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, ranks)
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, total_steps)
     return model, forward, optimizer, scheduler, build_adversary(cfg, model_cfg, device, ranks, total_steps)
+
+
+def step_forward(model, cfg: TrainConfig, ranks, device):
+    """What the training step calls forward: the model, DDP-wrapped over several processes
+    (over the parameters that learn at the time of the call), compiled with --compile."""
+    forward = wrap_for_ranks(model, ranks, device)
+    return torch.compile(forward) if cfg.compile else forward
 
 
 def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, adversary=None, heard_share=1.0):
@@ -274,8 +280,7 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
     the decoder's adversarial loss, the discriminator's) as one device tensor, so nothing waits
     for the device, and the batch's per-code counts."""
     model.train()
-    freeze_codes = adversary is not None and heard_share > 0 and cfg.adversarial_freeze_codes
-    if freeze_codes:  # no EMA updates, no re-seeded codes
+    if codes_frozen(model):  # no EMA updates, no re-seeded codes
         for quantizer in code_quantizers(model):
             quantizer.eval()
     if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
@@ -296,15 +301,30 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
             loss = loss + heard_share * cfg.adversarial * adaptive_weight(recon, fooled, last_layer) * fooled
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if freeze_codes:  # Adam leaves a parameter without a gradient alone
-        for p in code_parameters(model):
-            p.grad = None
     optimizer.step()
     scheduler.step()
     if adversary is not None:
         discriminated = discriminator_step(adversary, x, fake.detach(), autocast_dtype)
     losses = [loss, recon, vq_loss, fooled, discriminated]
     return torch.stack([v.detach() for v in losses]), stats["counts"].long()
+
+
+def freezes_codes(cfg: TrainConfig, adversary, step):
+    """Whether the codes stop learning from this step on: once the decoder hears the
+    discriminator, with --adversarial-freeze-codes."""
+    return adversary is not None and cfg.adversarial_freeze_codes and adversary.heard(step)
+
+
+def freeze_codes(model):
+    """The encoder and codebooks stop learning. Without gradients autograd skips the encoder's
+    backward pass (a fifth of the step) and Adam leaves them alone; train_step keeps the
+    quantizers in eval mode: no EMA update, no re-seeded code."""
+    for p in code_parameters(model):
+        p.requires_grad_(False)
+
+
+def codes_frozen(model):
+    return not any(p.requires_grad for p in model.encoder.parameters())
 
 
 def code_quantizers(model):
@@ -397,6 +417,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                     x = to_unit(train_u8[my_batch(order, i, cfg.batch_size, ranks)])
                     judging = adversary if adversary is not None and adversary.joined(state.step) else None
                     share = judging.share(state.step) if judging is not None else 0.0
+                    if freezes_codes(cfg, adversary, state.step) and not codes_frozen(model):
+                        freeze_codes(model)  # also on resuming a run past this point
+                        forward = step_forward(model, cfg, ranks, device)
                     step_losses, step_counts = train_step(model, forward, optimizer, scheduler, x, cfg, judging,
                                                           heard_share=share)
                     counts += step_counts
@@ -462,6 +485,8 @@ def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig, bench: TrainBen
     device, cfg = prepare_benchmark(cfg)
     train_u8, _ = load_split_tensor(resolve_data_root(cfg.data), "train", cfg.image_size, device)
     model, forward, optimizer, scheduler, adversary = build_training(cfg, model_cfg, device, Ranks(), len(train_u8))
+    if freezes_codes(cfg, adversary, adversary.heard_from if adversary is not None else 0):
+        freeze_codes(model)  # the steps timed are the decoder's, hearing the discriminator
     next_batch = (resident_batches if bench.benchmark_loader == "resident" else loader_batches)(
         train_u8, cfg.batch_size, cfg.seed, device)
     figures = time_steps(lambda x: train_step(model, forward, optimizer, scheduler, x, cfg, adversary), next_batch,

@@ -65,7 +65,7 @@ def test_a_step_with_the_adversary_trains_both_and_moves_the_decoder_otherwise(t
     x = torch.rand(8, 1, 32, 32)
     cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1",
                                                                          "--no-adversarial-freeze-codes")
-    assert adversary.first_step == int(0.76 * cfg.epochs * 2)  # 16 images, batch 8: 2 steps an epoch
+    assert adversary.first_step == int(0.72 * cfg.epochs * 2)  # 16 images, batch 8: 2 steps an epoch
     plain_cfg, plain, plain_forward, plain_optimizer, plain_scheduler, _ = tiny_training()
     plain.load_state_dict(model.state_dict())
     before = {k: v.clone() for k, v in adversary.net.state_dict().items()}
@@ -108,13 +108,20 @@ def test_with_frozen_codes_only_the_decoder_learns_once_it_hears(tiny_training, 
     cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1", "--levels", levels,
                                                                          "--adversarial-freeze-codes")
     torch.manual_seed(1)
+    assert not train.freezes_codes(cfg, adversary, adversary.heard_from - 1)
     train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary, heard_share=0.0)
     assert model.quantizer.training  # during the warm-up the codes still learn
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
+    assert train.freezes_codes(cfg, adversary, adversary.heard_from)
+    train.freeze_codes(model)
     torch.manual_seed(2)
     train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary, heard_share=1.0)
 
+    assert not model.quantizer.training and train.codes_frozen(model)
+    # no backward pass through the encoder: its weights got no gradient
+    assert all(p.grad is None for p in train.code_parameters(model))
+    assert all(p.grad is not None for p in model.decoder.parameters())
     after = model.state_dict()
     code_side = [k for k in after if not k.startswith("decoder.")]
     assert any("ema_sum" in k for k in code_side) and any(k.startswith("encoder.") for k in code_side)

@@ -94,9 +94,9 @@ def test_the_preset_flag_says_how_it_picks_and_what_each_preset_sets(script, mon
 
 def test_on_a_cpu_oasis_data_gets_the_full_resolution_two_level_vqvae_and_the_demo_the_quick_one():
     cfg, model_cfg, _ = train.parse_args(["--device", "cpu", "--data", "path/to/keras_png_slices_data"])
-    assert (cfg.image_size, model_cfg.n_downsample, model_cfg.levels, cfg.epochs) == (256, 2, 2, 17)
+    assert (cfg.image_size, model_cfg.n_downsample, model_cfg.levels, cfg.epochs) == (256, 2, 2, 18)
     assert (model_cfg.coarse_only, cfg.adversarial, cfg.adversarial_freeze_codes) == (0.25, 1.0, True)
-    assert (cfg.adversarial_from, cfg.adversarial_warmup, cfg.adversarial_ramp) == (0.76, 0.06, 0.06)
+    assert (cfg.adversarial_from, cfg.adversarial_warmup, cfg.adversarial_ramp) == (0.72, 0.06, 0.06)
     cfg, model_cfg, _ = train.parse_args(["--device", "cpu"])
     assert (cfg.data, cfg.image_size, model_cfg.levels) == ("demo", 128, 1)
     cfg, model_cfg, _ = train.parse_args(["--device", "cuda", "--data", "path/to/keras_png_slices_data"])

@@ -299,11 +299,16 @@ def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(
     monkeypatch.setattr(c2st, "classifier_two_sample_test", spy)  # what the controls run
     images, case_ids = blob_subjects(n_subjects=12, n_slices=4, size=128)
     report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8],
-                                    held_out=(images[:24], case_ids[:24]), **TINY_BUDGET)
+                                    held_out=(images[:24], case_ids[:24]), test_case_ids=case_ids[:8],
+                                    **TINY_BUDGET)
     assert report["c2st_real"]["input_size"] == 128 and report["c2st_real"]["sides"]["b"].startswith("real held-out")
+    # the decoder's ceiling: reconstructions against the same real slices, under the headline's controls
+    ceiling = report["c2st_decoder"]
+    assert ceiling["input_size"] == 128 and ceiling["sides"]["a"].startswith("VQ-VAE reconstructions")
+    assert ceiling["controls"] is report["c2st_real"]["controls"]
     assert report["c2st"]["input_size"] == 128 and report["c2st_64"]["input_size"] == 64
     # against real slices at the image size, against reconstructions at both sizes, each with both controls
-    assert sorted(set(seen_sizes)) == [64, 128] and len(seen_sizes) == 9
+    assert sorted(set(seen_sizes)) == [64, 128] and len(seen_sizes) == 10
     report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8],
                                     input_size=64, **TINY_BUDGET)
     assert report["c2st"]["input_size"] == 64 and report["c2st_64"] is None
@@ -346,3 +351,21 @@ def test_realism_against_minutes_names_a_run_without_a_realism_entry(tmp_path, c
         realism.main([str(tmp_path / "plain")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--realism" in err
+
+
+def test_the_decoders_ceiling_judges_reconstructions_of_test_slices_against_the_real_held_out_ones(monkeypatch):
+    calls = []
+
+    def spy(a, b, groups_a, groups_b, *, input_size, **kwargs):
+        calls.append((a, b, groups_a, groups_b, input_size))
+        return {"accuracy": 1.0, "fold_accuracies": [1.0], "n_per_class": len(a)}
+    monkeypatch.setattr(realism, "classifier_two_sample_test", spy)
+    recon, real = torch.rand(10, 1, 16, 16), torch.rand(12, 1, 16, 16)
+    recon_ids, real_ids = np.arange(10) // 2, np.arange(12) // 3
+    judged = {"input_size": 16, "valid": True, "controls": {"real_vs_real": {}}, "sides": {"b": "real held-out"}}
+    ceiling = realism.decoder_ceiling(recon, recon_ids, (real, real_ids), 4, judged, seed=0)
+    (a, b, groups_a, groups_b, size), = calls
+    assert len(a) == 4 and b is real and groups_b is real_ids and size == 16
+    rows = [int(np.flatnonzero([torch.equal(r, x) for x in recon])[0]) for r in a]  # each a reconstruction
+    assert list(groups_a) == list(recon_ids[rows])  # with its own subject
+    assert ceiling["valid"] and ceiling["controls"] is judged["controls"] and ceiling["accuracy"] == 1.0
