@@ -57,3 +57,15 @@ def test_two_processes_end_with_identical_weights(tmp_path, tiny_demo, tiny_flag
                                     "--batch-size", "2"])
     assert_same_weights(tmp_path / "pixelcnn_rank0.pt", tmp_path / "pixelcnn_rank1.pt")
     assert torch.load(tmp_path / "checkpoints" / "pixelcnn_last.pt", weights_only=True)["run"]["step"] == 4
+
+
+def test_two_processes_freeze_the_codes_for_the_discriminator_and_stay_identical(tmp_path, tiny_demo, tiny_flags):
+    """Once the decoder hears the discriminator the encoder stops requiring gradients; the
+    processes' DDP wrapper must then be rebuilt over what still learns, or the step fails."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    # 2 steps an epoch: the discriminator joins at step 1 and the decoder hears it from step 2
+    torchrun(tmp_path, "train", ["--data", str(tiny_demo), "--epochs", "2", *tiny_flags.vqvae, "--batch-size", "2",
+                                 "--adversarial", "1", "--adversarial-from", "0.25", "--adversarial-warmup", "0.25"])
+    assert_same_weights(tmp_path / "train_rank0.pt", tmp_path / "train_rank1.pt")
+    history = torch.load(tmp_path / "checkpoints" / "vqvae_last.pt", weights_only=True)["run"]["history"]
+    assert [r["adversarial"] for r in history] == [False, True]
