@@ -115,8 +115,8 @@ def decoder_ceiling(reconstructions, reconstruction_ids, held_out, n, judged, *,
 
 
 def realism_report(samples, train_images, train_recon, train_case_ids, test_images, test_recon, *,
-                   held_out=None, test_case_ids=None, n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0, device="cpu",
-                   input_size=0):
+                   held_out=None, test_case_ids=None, n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0,
+                   device="cpu", input_size=0):
     """Every realism figure for `samples` (all image tensors (N, 1, H, W) in [0, 1]).
 
     The headline, `c2st_real`: samples against real held-out slices (held_out = (images,

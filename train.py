@@ -485,7 +485,7 @@ def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig, bench: TrainBen
     device, cfg = prepare_benchmark(cfg)
     train_u8, _ = load_split_tensor(resolve_data_root(cfg.data), "train", cfg.image_size, device)
     model, forward, optimizer, scheduler, adversary = build_training(cfg, model_cfg, device, Ranks(), len(train_u8))
-    if freezes_codes(cfg, adversary, adversary.heard_from if adversary is not None else 0):
+    if adversary is not None and cfg.adversarial_freeze_codes:
         freeze_codes(model)  # the steps timed are the decoder's, hearing the discriminator
     next_batch = (resident_batches if bench.benchmark_loader == "resident" else loader_batches)(
         train_u8, cfg.batch_size, cfg.seed, device)
