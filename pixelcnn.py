@@ -179,14 +179,28 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
     if levels == 1 and cfg.level == "detail":
         raise FlagError(f"--level detail: {cfg.vqvae} has one code level, so there is no detail prior to train")
     details = {"all": [False, True], "coarse": [False], "detail": [True]}[cfg.level] if levels == 2 else [False]
+    encoded = {}  # the priors of one run share one pass of the encoder (a minute at 256x256 on a CPU)
     for detail in details:
-        history = train_one_prior(cfg, model_cfg, detail, progress, stop)
+        history = train_one_prior(cfg, model_cfg, detail, progress, stop, encoded)
     return history
 
 
-def train_one_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, detail, progress=True, stop=None):
-    """Train the prior (detail: the detail prior) and return its history.
-    Started by torchrun, every process trains on its share of each batch."""
+def encode_splits(vqvae, root, image_size, device, progress, flipped):
+    """The train and validate codes of every level with their slice positions (and the train slices'
+    flipped codes, with flipped), as what train_one_prior reads."""
+    train_levels, train_slices, flipped_levels = encode_split(vqvae, root, "train", image_size, device, progress,
+                                                              flipped=flipped)
+    val_levels, val_slices, _ = encode_split(vqvae, root, "validate", image_size, device, progress)
+    return {"train": (train_levels, train_slices), "validate": (val_levels, val_slices),
+            "flipped_levels": flipped_levels}
+
+
+def train_one_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, detail, progress=True, stop=None, encoded=None):
+    """Train the prior (detail: the detail prior) and return its history. encoded, a dict the priors
+    of one run share, keeps the codes of the first for the next (the coarse prior comes first and
+    encodes the flipped slices it may need). Started by torchrun, every process trains on its share of
+    each batch."""
+    encoded = {} if encoded is None else encoded
     name = "pixelcnn_detail" if detail else "pixelcnn"
     with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, name, ranks.main):
         progress = progress and ranks.main
@@ -202,12 +216,13 @@ def train_one_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, detail, pr
         else:
             model_cfg = dataclasses.replace(model_cfg, num_codes=vqvae.cfg.num_codes,
                                             grid_size=fine_grid // 2 ** (vqvae.cfg.levels - 1))
-        root = resolve_data_root(cfg.data)
-        train_levels, train_slices, flipped_levels = encode_split(vqvae, root, "train", image_size, device,
-                                                                  progress, flipped=cfg.vflip and not detail)
-        val_levels, val_slices, _ = encode_split(vqvae, root, "validate", image_size, device, progress)
+        if "train" not in encoded:
+            encoded.update(encode_splits(vqvae, resolve_data_root(cfg.data), image_size, device, progress,
+                                         flipped=cfg.vflip and not detail))
+        (train_levels, train_slices), (val_levels, val_slices) = encoded["train"], encoded["validate"]
         train_codes, train_cond = what_to_model(train_levels, train_slices, model_cfg)
         val_codes, val_cond = what_to_model(val_levels, val_slices, model_cfg)
+        flipped_levels = None if detail else encoded["flipped_levels"]
         flipped_codes = flipped_levels[0] if flipped_levels else None
         del vqvae
         grid = tuple(train_codes.shape[1:])

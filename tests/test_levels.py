@@ -136,12 +136,30 @@ def test_a_detail_prior_must_be_gated():
 def two_levels(tmp_path_factory, tiny_demo, tiny_flags):
     """A tiny two-level VQ-VAE and its two priors, trained as a user trains them."""
     work = tmp_path_factory.mktemp("two_levels")
+    encoded = []
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
         train.main(["--data", str(tiny_demo), "--epochs", "3", "--levels", "2", *tiny_flags.vqvae_batch_2])
-        pixelcnn.main(["--data", str(tiny_demo), "--epochs", "2", "--detail-layers", "2", "--detail-hidden", "8",
-                       "--detail-kernel", "3", *tiny_flags.prior_batch_2])
+        encode_split = pixelcnn.encode_split
+        patch.setattr(pixelcnn, "encode_split", lambda *a, **k: encoded.append(a[2]) or encode_split(*a, **k))
+        pixelcnn.main(["--data", str(tiny_demo), "--epochs", "2", *DETAIL_FLAGS, *tiny_flags.prior_batch_2])
+    (work / "encoded.json").write_text(json.dumps(encoded))
     return work
+
+
+DETAIL_FLAGS = ("--detail-layers", "2", "--detail-hidden", "8", "--detail-kernel", "3")
+
+
+def test_the_two_priors_share_one_pass_of_the_encoder(two_levels, tiny_demo, tiny_flags, tmp_path, monkeypatch):
+    assert json.loads((two_levels / "encoded.json").read_text()) == ["train", "validate"]
+    # the detail prior trained alone from the same VQ-VAE reads the same codes: the same weights
+    monkeypatch.chdir(tmp_path)
+    pixelcnn.main(["--data", str(tiny_demo), "--vqvae", str(two_levels / "checkpoints" / "vqvae_best.pt"),
+                   "--level", "detail", "--epochs", "2", *DETAIL_FLAGS, *tiny_flags.prior_batch_2])
+    alone = torch.load(tmp_path / "checkpoints" / "pixelcnn_detail_best.pt", weights_only=True)["model"]
+    after_coarse = torch.load(two_levels / "checkpoints" / "pixelcnn_detail_best.pt", weights_only=True)["model"]
+    assert alone.keys() == after_coarse.keys()
+    assert all(torch.equal(alone[k], after_coarse[k]) for k in alone)
 
 
 def test_pixelcnn_trains_a_prior_of_each_level(two_levels):
