@@ -122,7 +122,8 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
     The headline, `c2st_real`: samples against real held-out slices (held_out = (images,
     subjects), the validate and test splits), controls on the real train slices; it judges
     what a user sees, the decoder's blur included. With test_case_ids (test_recon's subjects),
-    `c2st_decoder` is its ceiling: reconstructions in place of samples. Beside them, `c2st` (and `c2st_64`, the coarse
+    `c2st_decoder` is its ceiling: reconstructions in place of samples; `c2st_real_64` is the headline
+    at the coarse 64 px view, which the finest texture does not reach. Beside them, `c2st` (and `c2st_64`, the coarse
     64 px view) judge samples against VQ-VAE reconstructions of the train split, so the
     decoder is the same on both sides and only the prior is judged. input_size: the side the
     classifier sees (0 = the images' own). Nearest-neighbour SSIM and the distribution distances
@@ -136,11 +137,15 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
     c2st_args = {"n_folds": n_folds, "epochs": epochs, "lr": lr, "batch_size": batch_size, "device": device}
     size = min(input_size or samples.shape[-1], samples.shape[-1])
     reconstructed = ("VQ-VAE reconstructions of train slices", train_recon, train_case_ids)
-    c2st_real = c2st_decoder = None
+    c2st_real = c2st_decoder = coarse_real = None
     if held_out is not None:
-        c2st_real = judged_c2st(samples, *held_out, controls_on=("real train slices", train_images, train_case_ids),
-                                input_size=size, seed=seed, **c2st_args)
+        real_train = ("real train slices", train_images, train_case_ids)
+        c2st_real = judged_c2st(samples, *held_out, controls_on=real_train, input_size=size, seed=seed, **c2st_args)
         c2st_real["sides"] = {"a": "generated", "b": "real held-out slices (validate and test)"}
+        if size > C2ST_COARSE_SIZE:  # the scale at which the samples stop passing for real: anatomy or texture
+            coarse_real = judged_c2st(samples, *held_out, controls_on=real_train, input_size=C2ST_COARSE_SIZE,
+                                      seed=seed, **c2st_args)
+            coarse_real["sides"] = c2st_real["sides"]
         if test_case_ids is not None:
             c2st_decoder = decoder_ceiling(test_recon, test_case_ids, held_out, c2st_real["n_per_class"], c2st_real,
                                            seed=seed, **c2st_args)
@@ -165,6 +170,7 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
                             "structural_similarity, data_range=1.0); mean and max over images"}
     return {
         "c2st_real": c2st_real,
+        "c2st_real_64": coarse_real,
         "c2st_decoder": c2st_decoder,
         "c2st": c2st,
         "c2st_valid": c2st["valid"],
@@ -197,7 +203,8 @@ def _c2st_line(c2st):
 
 
 def print_realism(report):
-    for c2st in (report.get("c2st_real"), report.get("c2st_decoder"), report["c2st"], report["c2st_64"]):
+    for c2st in (report.get("c2st_real"), report.get("c2st_real_64"), report.get("c2st_decoder"), report["c2st"],
+                 report["c2st_64"]):
         if c2st is not None:
             print(_c2st_line(c2st))
     nn_ssim = report["nn_ssim"]

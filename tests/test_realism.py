@@ -307,11 +307,13 @@ def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(
     assert ceiling["input_size"] == 128 and ceiling["sides"]["a"].startswith("VQ-VAE reconstructions")
     assert ceiling["controls"] is report["c2st_real"]["controls"]
     assert report["c2st"]["input_size"] == 128 and report["c2st_64"]["input_size"] == 64
-    # against real slices at the image size, against reconstructions at both sizes, each with both controls
-    assert sorted(set(seen_sizes)) == [64, 128] and len(seen_sizes) == 10
+    coarse_real = report["c2st_real_64"]
+    assert coarse_real["input_size"] == 64 and coarse_real["sides"] == report["c2st_real"]["sides"]
+    # against real slices and against reconstructions at both sizes, each with both controls; the ceiling
+    assert sorted(set(seen_sizes)) == [64, 128] and len(seen_sizes) == 13
     report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8],
                                     input_size=64, **TINY_BUDGET)
-    assert report["c2st"]["input_size"] == 64 and report["c2st_64"] is None
+    assert report["c2st"]["input_size"] == 64 and report["c2st_64"] is None and report["c2st_real_64"] is None
     assert set(report["shape"]) >= {"samples", "test_real", "test_reconstructions"}
 
 
