@@ -179,7 +179,7 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
     if levels == 1 and cfg.level == "detail":
         raise FlagError(f"--level detail: {cfg.vqvae} has one code level, so there is no detail prior to train")
     details = {"all": [False, True], "coarse": [False], "detail": [True]}[cfg.level] if levels == 2 else [False]
-    encoded = {}  # the priors of one run share one pass of the encoder (a minute at 256x256 on a CPU)
+    encoded = {}  # the priors of one run share one pass of the encoder (most of a minute at 256x256 on a CPU)
     for detail in details:
         history = train_one_prior(cfg, model_cfg, detail, progress, stop, encoded)
     return history
@@ -187,7 +187,7 @@ def train_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, progress=True,
 
 def encode_splits(vqvae, root, image_size, device, progress, flipped):
     """The train and validate codes of every level with their slice positions (and the train slices'
-    flipped codes, with flipped), as what train_one_prior reads."""
+    flipped codes, with flipped), in the form train_one_prior reads."""
     train_levels, train_slices, flipped_levels = encode_split(vqvae, root, "train", image_size, device, progress,
                                                               flipped=flipped)
     val_levels, val_slices, _ = encode_split(vqvae, root, "validate", image_size, device, progress)
