@@ -78,6 +78,16 @@ def judged_c2st(samples, reference, reference_ids, *, controls_on, input_size, s
                          "blurred_min_accuracy": BLURRED_MIN_ACCURACY}}
 
 
+def coarse_view(judged, samples, reference, reference_ids, *, controls_on, seed, **c2st_args):
+    """The C2ST `judged` again at the coarse 64 px view, where the finest texture no longer shows, so
+    anatomy and texture are judged apart; None where `judged` is no finer."""
+    if judged["input_size"] <= C2ST_COARSE_SIZE:
+        return None
+    coarse = judged_c2st(samples, reference, reference_ids, controls_on=controls_on, input_size=C2ST_COARSE_SIZE,
+                         seed=seed, **c2st_args)
+    return {**coarse, "sides": judged["sides"]}
+
+
 def as_uint8(images):
     """(N, 1, H, W) in [0, 1] -> (N, H, W) uint8, as the images are saved."""
     return to_uint8(torch.as_tensor(images).float().squeeze(1).cpu().numpy())
@@ -142,21 +152,15 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
         real_train = ("real train slices", train_images, train_case_ids)
         c2st_real = judged_c2st(samples, *held_out, controls_on=real_train, input_size=size, seed=seed, **c2st_args)
         c2st_real["sides"] = {"a": "generated", "b": "real held-out slices (validate and test)"}
-        if size > C2ST_COARSE_SIZE:  # the scale at which the samples stop passing for real: anatomy or texture
-            coarse_real = judged_c2st(samples, *held_out, controls_on=real_train, input_size=C2ST_COARSE_SIZE,
-                                      seed=seed, **c2st_args)
-            coarse_real["sides"] = c2st_real["sides"]
+        coarse_real = coarse_view(c2st_real, samples, *held_out, controls_on=real_train, seed=seed, **c2st_args)
         if test_case_ids is not None:
             c2st_decoder = decoder_ceiling(test_recon, test_case_ids, held_out, c2st_real["n_per_class"], c2st_real,
                                            seed=seed, **c2st_args)
     c2st = judged_c2st(samples, train_recon, train_case_ids, controls_on=reconstructed, input_size=size, seed=seed,
                        **c2st_args)
     c2st["sides"] = {"a": "generated", "b": reconstructed[0]}
-    coarse = None
-    if size > C2ST_COARSE_SIZE:
-        coarse = judged_c2st(samples, train_recon, train_case_ids, controls_on=reconstructed,
-                             input_size=C2ST_COARSE_SIZE, seed=seed, **c2st_args)
-        coarse["sides"] = c2st["sides"]
+    coarse = coarse_view(c2st, samples, train_recon, train_case_ids, controls_on=reconstructed, seed=seed,
+                         **c2st_args)
     c2st_seconds = time.time() - started
 
     references = train_images
