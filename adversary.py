@@ -2,12 +2,24 @@
 
 It learns to tell real slices from reconstructions patch by patch, and the decoder learns to
 make patches it cannot tell: edges and tissue texture, which a per-pixel loss lets a blur
-average away. Trained from scratch beside the VQ-VAE (no pretrained weights). train.py owns the
-loop; here are the network and the three formulas, each in a named helper. No I/O.
+average away. Trained from scratch beside the VQ-VAE (no pretrained weights).
+
+Here is all of it but the loop, which train.py owns: the network; the three formulas, each in a
+named helper; and the schedule (`Adversary`): the discriminator trains from a share of the run on
+(--adversarial-from), alone for a warm-up (--adversarial-warmup), then the decoder hears it, at
+a weight rising over a ramp (--adversarial-ramp), while the codes stay frozen
+(--adversarial-freeze-codes). No I/O.
 """
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from errors import FlagError
+from hardware import wrap_for_ranks
+from training import make_adam
 
 # Thin on purpose: on a CPU every discriminator FLOP is taken from the VQ-VAE's time.
 DISCRIMINATOR_CHANNELS = (16, 32, 64, 64)
@@ -51,3 +63,129 @@ def adaptive_weight(reconstruction_loss, adversarial_loss, last_layer_weight, ma
     reconstruction_grad, = torch.autograd.grad(reconstruction_loss, last_layer_weight, retain_graph=True)
     adversarial_grad, = torch.autograd.grad(adversarial_loss, last_layer_weight, retain_graph=True)
     return (reconstruction_grad.norm() / (adversarial_grad.norm() + 1e-4)).clamp(0, max_weight).detach()
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+# the usual GAN momentum (Radford et al. 2015; VQGAN): a short memory, for a target that moves
+GAN_BETAS = (0.5, 0.9)
+
+# train.py's flags that shape the schedule; without --adversarial they must keep their defaults
+SCHEDULE_FLAGS = ("adversarial_from", "adversarial_warmup", "adversarial_ramp", "adversarial_lr",
+                  "adversarial_freeze_codes")
+
+
+def check_schedule_flags(cfg):
+    """Refuse discriminator settings that would do nothing: set without --adversarial, a
+    discriminator whose warm-up outlasts the run, so the decoder never hears it, or codes frozen
+    from the first step. cfg: train.py's TrainConfig."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    if not cfg.adversarial:
+        changed = [name for name in SCHEDULE_FLAGS if getattr(cfg, name) != defaults[name]]
+        if changed:
+            raise FlagError(f"--{changed[0].replace('_', '-')} needs --adversarial W (W > 0): without it "
+                            f"there is no discriminator")
+    elif cfg.adversarial_from + cfg.adversarial_warmup >= 1:
+        raise FlagError(f"--adversarial-from {cfg.adversarial_from} plus --adversarial-warmup "
+                        f"{cfg.adversarial_warmup} reach the end of the run: the decoder would never hear the "
+                        f"discriminator")
+    elif cfg.adversarial_freeze_codes and cfg.adversarial_from + cfg.adversarial_warmup == 0:
+        raise FlagError("--adversarial-freeze-codes with --adversarial-from 0 and --adversarial-warmup 0 would "
+                        "freeze the codes before they learn anything (--no-adversarial-freeze-codes)")
+
+
+@dataclass
+class Adversary:
+    """--adversarial's discriminator and its schedule: the network, what its step calls forward
+    (DDP-wrapped), its optimizer, the training step from which it trains, the one from which the
+    decoder hears it, the steps its weight ramps over, and whether the codes freeze then."""
+    net: torch.nn.Module
+    forward: object
+    optimizer: torch.optim.Optimizer
+    trains_from: int
+    heard_from: int
+    ramp_steps: int = 0
+    freezes_codes: bool = True
+
+    def trains(self, step):
+        return step >= self.trains_from
+
+    def decoder_hears(self, step):
+        return step >= self.heard_from
+
+    def decoder_share(self, step):
+        """How much of --adversarial the decoder's loss takes at this step: 0 before it hears the
+        discriminator, then rising linearly to 1 over the ramp."""
+        if not self.decoder_hears(step):
+            return 0.0
+        return min(1.0, (step - self.heard_from + 1) / self.ramp_steps) if self.ramp_steps else 1.0
+
+    def codes_freeze_at(self, step):
+        """Whether the codes stop learning from this step on: once the decoder hears the
+        discriminator, with --adversarial-freeze-codes."""
+        return self.freezes_codes and self.decoder_hears(step)
+
+
+def build_adversary(cfg, in_channels, device, ranks, total_steps):
+    """The Adversary of train.py's TrainConfig for a run of total_steps, or None without
+    --adversarial."""
+    if not cfg.adversarial:
+        return None
+    # drawn from a generator of its own, so the VQ-VAE trains as it would without it until it joins
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        net = PatchDiscriminator(in_channels)
+    net = net.to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    trains_from = int(cfg.adversarial_from * total_steps)
+    return Adversary(net, wrap_for_ranks(net, ranks, device),
+                     make_adam(net.parameters(), cfg.adversarial_lr, device, betas=GAN_BETAS),
+                     trains_from, trains_from + int(cfg.adversarial_warmup * total_steps),
+                     int(cfg.adversarial_ramp * total_steps), cfg.adversarial_freeze_codes)
+
+
+def freeze_codes(model):
+    """The VQ-VAE's encoder and codebooks stop learning. Without gradients autograd skips the
+    encoder's backward pass (a fifth of the step) and Adam leaves them alone; train.py's step
+    keeps the quantizers in eval mode: no EMA update, no re-seeded code."""
+    for p in model.code_parameters():
+        p.requires_grad_(False)
+
+
+def codes_frozen(model):
+    return not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def autocast(device_type, dtype):
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def judge(net, images, autocast_dtype):
+    """The discriminator's logits for the decoder's loss. Its weights are frozen for this pass:
+    the decoder's step needs the gradient at the images only."""
+    net.requires_grad_(False)
+    try:
+        with autocast(images.device.type, autocast_dtype):
+            return net(images)
+    finally:
+        net.requires_grad_(True)
+
+
+def decoder_adversarial_loss(adversary, fake, reconstruction_loss, last_layer_weight, weight, autocast_dtype):
+    """(the term the decoder's loss adds, at `weight` times the adaptive weight; the generator
+    loss itself, for the log)."""
+    fooled = generator_loss(judge(adversary.net, fake, autocast_dtype).float())
+    return weight * adaptive_weight(reconstruction_loss, fooled, last_layer_weight) * fooled, fooled
+
+
+def discriminator_step(adversary, real, fake, autocast_dtype):
+    """One step of the discriminator on a batch of real slices and their reconstructions."""
+    with autocast(real.device.type, autocast_dtype):
+        logits = adversary.forward(torch.cat([real, fake]))
+    real_logits, fake_logits = logits.float().chunk(2)
+    loss = discriminator_hinge_loss(real_logits, fake_logits)
+    adversary.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    adversary.optimizer.step()
+    return loss.detach()

@@ -42,6 +42,7 @@ from PIL import Image
 from brain import brain_region
 from checkpoint import TrainedModels, image_size_of, load_trained_pair
 from cli import opt, parse_configs, run_script
+from codes import encode_all, to_unit
 from dataset import load_split_tensor, resolve_data_root
 from errors import DataError, FlagError
 from files import progress_indices, save_figure, to_uint8, write_atomically, write_json, write_text
@@ -50,9 +51,9 @@ from lesions import (CONTRAST_BINS, FROM_10PX, LESION_KINDS, SIZE_BINS, LesionSe
                      masks_as_lesions, pixel_figures, slice_scores)
 from maps import METHOD_NAMES, METHODS, Benchmark, Maps, anomaly_maps, code_regions, encode, inner_regions
 from metrics import auroc, average_precision, best_dice, dice_at
-from prior import Priors, most_likely_positions, slice_conditions
+from modules import Priors
+from prior import most_likely_positions, slice_conditions
 from slices import NATIVE_SIZE, image_files, parse_slice_name, read_mask, read_slice
-from vqvae import encode_all, to_unit
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)

@@ -1,11 +1,13 @@
 """The one `--benchmark` harness of both trainers: it times their own training step and prints one
-JSON line (images/s, ms/step, peak memory, FLOPs). Its flags live here, apart from the training
-configs, so a checkpoint never records them.
+JSON line (images/s, ms/step, peak memory, FLOPs), fed batches as training makes them or by a
+DataLoader. Its flags live here, apart from the training configs, so a checkpoint never records
+them.
 
     python train.py --benchmark [--benchmark-steps 20 --benchmark-warmup 3]
     python pixelcnn.py --benchmark
 """
 import dataclasses
+import itertools
 import json
 import time
 import warnings
@@ -14,7 +16,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cli import opt, run_script
+from codes import to_unit
 from hardware import pick_device, resolve_dtype, set_seed, synchronize, use_fast_math
+from training import epoch_order
 
 
 def count_flops(step, *args):
@@ -96,3 +100,44 @@ def time_steps(step, next_batch, bench: BenchmarkConfig, *, batch_size, device):
     }
 
 
+# ----------------------------------------------------------------------------- feeding train.py's step
+
+def resident_batches(images_u8, batch_size, seed, device):
+    """Batches as training makes them: indexing and conversion happen on the device."""
+    epoch = itertools.count()
+    order, position = epoch_order(len(images_u8), seed, next(epoch)).to(device), 0
+
+    def next_batch():
+        nonlocal order, position
+        if position + batch_size > len(images_u8):
+            order, position = epoch_order(len(images_u8), seed, next(epoch)).to(device), 0
+        position += batch_size
+        return to_unit(images_u8[order[position - batch_size:position]])
+
+    return next_batch
+
+
+def stack_as_float(items):
+    return to_unit(torch.stack([x for (x,) in items]))
+
+
+def loader_batches(images_u8, batch_size, seed, device):
+    """The common alternative: a shuffling DataLoader over host memory, with two workers
+    converting to float, and a copy to the device every step."""
+    host = torch.utils.data.TensorDataset(images_u8.cpu())
+    loader = torch.utils.data.DataLoader(
+        host, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=2,
+        persistent_workers=True, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=stack_as_float)
+    batches = iter(())
+
+    def next_batch():
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        return batch.to(device, non_blocking=True)
+
+    return next_batch

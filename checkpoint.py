@@ -39,8 +39,7 @@ import torch
 from cli import opt
 from errors import CheckpointError
 from files import remove_leftover_temporaries, write_atomically
-from prior import PixelCNNConfig, build_prior
-from vqvae import VQVAE, VQVAEConfig
+from modules import PixelCNNConfig, VQVAE, VQVAEConfig, build_prior
 
 
 @dataclasses.dataclass
@@ -89,11 +88,25 @@ def image_size_of(vqvae_ckpt):
     return vqvae_ckpt["train_config"]["image_size"]
 
 
+# Checkpoints once named the coarse level of a two-level VQ-VAE "top" (as VQ-VAE-2 does); they
+# load under its present name, and the digest that pairs priors with it keeps the old one, so a
+# prior fit before the rename stays paired.
+OLD_COARSE, COARSE = "top.", "coarse."
+
+
+def present_names(state_dict):
+    return {COARSE + k[len(OLD_COARSE):] if k.startswith(OLD_COARSE) else k: v for k, v in state_dict.items()}
+
+
+def digest_name(name):
+    return OLD_COARSE + name[len(COARSE):] if name.startswith(COARSE) else name
+
+
 def load_weights(model, ckpt, path):
     """Weights into a model built from the checkpoint's config; a checkpoint whose tensors do
     not fit (written by an older version of a model) gets a one-line error."""
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(present_names(ckpt["model"]))
     except RuntimeError as err:
         detail = str(err).strip().splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise CheckpointError(f"{path} does not fit this version's {ckpt['kind']} model ({detail}); "
@@ -134,8 +147,8 @@ def vqvae_fingerprint(vqvae_ckpt):
     weights (with two levels, all of the coarse level's too). Two VQ-VAEs with the same
     fingerprint decode every code grid alike."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(vqvae_ckpt["model"].items()):
-        if name == "quantizer.codebook" or name.startswith(("decoder.", "top.")):
+    for name, tensor in sorted((digest_name(name), tensor) for name, tensor in vqvae_ckpt["model"].items()):
+        if name == "quantizer.codebook" or name.startswith(("decoder.", OLD_COARSE)):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
+from codes import decode_all
 from lesions import LesionSet
-from prior import Priors, code_nll, heal_codes
+from modules import Priors
+from prior import code_nll, heal_codes
 from slices import NATIVE_SIZE
-from vqvae import decode_all
 
 METHODS = ("reconstruction", "code_nll", "healing")
 METHOD_NAMES = {"reconstruction": "reconstruction error", "code_nll": "code NLL", "healing": "healing"}

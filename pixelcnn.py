@@ -16,7 +16,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +23,16 @@ import torch.nn.functional as F
 from bench import BenchmarkConfig, report, time_steps, train_or_benchmark
 from bench import prepare as prepare_benchmark
 from checkpoint import (RunState, check_pairing, checkpoint_payload, image_size_of, load_checkpoint, load_vqvae,
-                        resume_run, run_lock, save_checkpoint, vqvae_fingerprint)
+                        save_checkpoint, vqvae_fingerprint)
 from cli import opt, parse_configs
+from codes import encode_all_levels
 from dataset import load_split_tensor, resolve_data_root
 from errors import FlagError
-from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, synchronize,
-                      use_fast_math, wrap_for_ranks)
-from prior import PixelCNNConfig, build_prior, rows_per_layer, rows_seen_above, sample_codes, slice_conditions
+from hardware import Ranks, pick_device, synchronize, use_fast_math, wrap_for_ranks
+from modules import PixelCNNConfig, build_prior, rows_per_layer, rows_seen_above
+from prior import sample_codes, slice_conditions
 from training import (EpochLosses, StopFlag, TimeBudget, WarmupCosine, apply_time_budget, epoch_bar, epoch_order,
-                      loss_line, make_adam, my_batch, save_when_due_or_stopping, steps_per_epoch)
-from vqvae import encode_all_levels
+                      loss_line, make_adam, my_batch, save_when_due_or_stopping, steps_per_epoch, training_run)
 
 LN2 = math.log(2)
 
@@ -202,11 +201,8 @@ def train_one_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, detail, pr
     each batch."""
     encoded = {} if encoded is None else encoded
     name = "pixelcnn_detail" if detail else "pixelcnn"
-    with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, name, ranks.main):
-        progress = progress and ranks.main
-        set_seed(cfg.seed)
-        say = print_on_main(ranks)
-        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
+    with training_run(cfg, name, "pixelcnn", "python pixelcnn.py", progress) as run:
+        cfg, ranks, device, say, progress = run.cfg, run.ranks, run.device, run.say, run.progress
         use_fast_math(device, cfg.dtype)
         vqvae, vq_ckpt = load_vqvae(cfg.vqvae, device)
         image_size = image_size_of(vq_ckpt)
@@ -243,15 +239,12 @@ def train_one_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, detail, pr
         optimizer = make_adam(model.parameters(), cfg.lr, device)
         n_steps = steps_per_epoch(len(train_codes), cfg.batch_size, ranks)
         scheduler = WarmupCosine(optimizer, cfg.warmup_steps, cfg.epochs * n_steps, cfg.lr_hold)
-        last_path = Path(cfg.checkpoint_dir) / f"{name}_last.pt"
-        best_path = Path(cfg.checkpoint_dir) / f"{name}_best.pt"
         state = RunState(best=math.inf)
         # a detail prior whose run never began (the coarse one was stopped) starts afresh
-        if cfg.resume and (last_path.exists() or not detail):
+        if cfg.resume and (run.last_path.exists() or not detail):
             def paired(ckpt):
-                check_pairing(ckpt, last_path, vq_ckpt, cfg.vqvae, cfg.allow_unpaired)
-            state = resume_run(last_path, "pixelcnn", "python pixelcnn.py", model, model_cfg, optimizer, scheduler,
-                               check=paired)
+                check_pairing(ckpt, run.last_path, vq_ckpt, cfg.vqvae, cfg.allow_unpaired)
+            state = run.resume(model, model_cfg, optimizer, scheduler, check=paired)
         slice_counts = torch.bincount(train_slices.cpu(), minlength=max(model_cfg.n_conditions, 1))
         fitted_to = vqvae_fingerprint(vq_ckpt)
 
@@ -291,8 +284,9 @@ def train_one_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, detail, pr
                         losses.check_finite()
                         write(loss_line(state.step, step_loss, ranks))
                     save_when_due_or_stopping(stop, state, losses, ranks, device, at_log_point=at_log_point,
-                                              checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
-                                              resume_command="python pixelcnn.py --resume (with the same flags)")
+                                              checkpoint_every=cfg.checkpoint_every,
+                                              save_last=lambda: save(run.last_path),
+                                              resume_command=run.resume_command())
                 bar.close()
                 means = losses.means(ranks)
                 state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -305,14 +299,9 @@ def train_one_prior(cfg: PriorTrainConfig, model_cfg: PixelCNNConfig, detail, pr
                 state.history.append(record)
                 say(f"epoch {epoch + 1:3d} | train {train_bits:.3f} bits/code | validate {val_bits:.3f} bits/code "
                     f"| {record['seconds']:.0f}s")
-                if val_bits < state.best:
-                    state.best = val_bits
-                    if ranks.main:
-                        save(best_path)
-                if ranks.main:
-                    save(last_path)
+                run.end_epoch(state, val_bits, val_bits < state.best, save)
         say(f"best validation NLL {state.best:.3f} bits/code (uniform {baselines['uniform_bits']:.3f}, "
-            f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f}) -> {best_path}")
+            f"code-frequency entropy {baselines['frequency_entropy_bits']:.3f}) -> {run.best_path}")
         return state.history
 
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from checkpoint import TrainedModels, image_size_of, load_trained_pair, load_vqvae
 from cli import opt, parse_configs, run_script
+from codes import decode_all, encode_all_levels, reconstruct_all, to_unit
 from dataset import load_split_tensor, resolve_data_root
 from demo import demo_noise_free_split
 from errors import FlagError
@@ -45,7 +46,6 @@ from metrics import codebook_usage, psnr_per_image, sharpness, ssim_per_image, t
 from prior import sample_levels
 from realism import print_realism, realism_report
 from slices import FOREGROUND_THRESHOLD, NATIVE_SIZE, resize_unit
-from vqvae import decode_all, encode_all_levels, reconstruct_all, to_unit
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)

@@ -11,8 +11,6 @@ keeps checkpoints/vqvae_last.pt and the best-by-validation-SSIM checkpoints/vqva
 --adversarial, the last epoch);
 and writes a fixed grid of validation reconstructions to out/progress/ for the GIF.
 """
-import dataclasses
-import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -22,21 +20,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adversary import PatchDiscriminator, adaptive_weight, discriminator_hinge_loss, generator_loss
-from bench import BenchmarkConfig, report, time_steps, train_or_benchmark
+from adversary import (build_adversary, check_schedule_flags, codes_frozen, decoder_adversarial_loss,
+                       discriminator_step, freeze_codes)
+from bench import BenchmarkConfig, loader_batches, report, resident_batches, time_steps, train_or_benchmark
 from bench import prepare as prepare_benchmark
-from checkpoint import RunState, checkpoint_payload, resume_run, run_lock, save_checkpoint
+from checkpoint import RunState, checkpoint_payload, save_checkpoint
 from cli import opt, parse_configs
+from codes import reconstruct_all, to_unit, unit_batches
 from dataset import load_split_tensor, resolve_data_root
 from errors import FlagError
 from files import image_grid, progress_indices, save_gray_png
-from hardware import (Ranks, pick_device, print_on_main, process_group, resolve_dtype, set_seed, use_fast_math,
-                      wrap_for_ranks)
+from hardware import Ranks, pick_device, use_fast_math, wrap_for_ranks
 from metrics import codebook_usage, edge_sums, ssim_per_image
+from modules import VQVAE, VQVAEConfig
 from slices import FOREGROUND_THRESHOLD, cases_in_several_splits
 from training import (EpochLosses, StopFlag, epoch_bar, epoch_order, loss_line, make_adam, make_scheduler, my_batch,
-                      save_when_due_or_stopping, steps_per_epoch)
-from vqvae import VQVAE, VQVAEConfig, reconstruct_all, to_unit, unit_batches
+                      save_when_due_or_stopping, steps_per_epoch, training_run)
 
 
 @dataclass
@@ -182,75 +181,6 @@ def edge_loss(reconstruction, x):
     return sum(F.l1_loss(a, b) for a, b in zip(image_gradients(reconstruction), image_gradients(x)))
 
 
-@dataclass
-class Adversary:
-    """--adversarial's discriminator: the network, what its step calls forward (DDP-wrapped), its
-    optimizer, the training step it joins at and the one from which the decoder hears it."""
-    net: torch.nn.Module
-    forward: object
-    optimizer: torch.optim.Optimizer
-    first_step: int
-    heard_from: int
-    ramp_steps: int = 0
-
-    def joined(self, step):
-        return step >= self.first_step
-
-    def heard(self, step):
-        return step >= self.heard_from
-
-    def share(self, step):
-        """How much of --adversarial the decoder's loss takes at this step: 0 before it hears the
-        discriminator, then rising linearly to 1 over the ramp."""
-        if not self.heard(step):
-            return 0.0
-        return min(1.0, (step - self.heard_from + 1) / self.ramp_steps) if self.ramp_steps else 1.0
-
-
-ADVERSARIAL_SCHEDULE = ("adversarial_from", "adversarial_warmup", "adversarial_ramp", "adversarial_lr",
-                        "adversarial_freeze_codes")
-
-
-def check_adversarial_flags(cfg: TrainConfig):
-    """Refuse discriminator settings that would do nothing: set without --adversarial, a
-    discriminator whose warm-up outlasts the run, so the decoder never hears it, or codes frozen
-    from the first step."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    if not cfg.adversarial:
-        changed = [name for name in ADVERSARIAL_SCHEDULE if getattr(cfg, name) != defaults[name]]
-        if changed:
-            raise FlagError(f"--{changed[0].replace('_', '-')} needs --adversarial W (W > 0): without it "
-                            f"there is no discriminator")
-    elif cfg.adversarial_from + cfg.adversarial_warmup >= 1:
-        raise FlagError(f"--adversarial-from {cfg.adversarial_from} plus --adversarial-warmup "
-                        f"{cfg.adversarial_warmup} reach the end of the run: the decoder would never hear the "
-                        f"discriminator")
-    elif cfg.adversarial_freeze_codes and cfg.adversarial_from + cfg.adversarial_warmup == 0:
-        raise FlagError("--adversarial-freeze-codes with --adversarial-from 0 and --adversarial-warmup 0 would "
-                        "freeze the codes before they learn anything (--no-adversarial-freeze-codes)")
-
-
-# the usual GAN momentum (Radford et al. 2015; VQGAN): a short memory, for a target that moves
-GAN_BETAS = (0.5, 0.9)
-
-
-def build_adversary(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, total_steps):
-    if not cfg.adversarial:
-        return None
-    # drawn from a generator of its own, so the VQ-VAE trains as it would without it until it joins
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        net = PatchDiscriminator(model_cfg.in_channels)
-    net = net.to(device)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    first_step = int(cfg.adversarial_from * total_steps)
-    return Adversary(net, wrap_for_ranks(net, ranks, device),
-                     make_adam(net.parameters(), cfg.adversarial_lr, device, betas=GAN_BETAS),
-                     first_step, first_step + int(cfg.adversarial_warmup * total_steps),
-                     int(cfg.adversarial_ramp * total_steps))
-
-
 def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_train):
     """The model, what the step calls forward (DDP- or compile-wrapped), the optimizer, the
     schedule and the adversary (None without --adversarial), the same for training and
@@ -263,7 +193,8 @@ def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device, ranks, n_tr
     optimizer = make_adam([p for p in model.parameters() if p.requires_grad], cfg.lr, device)
     total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, ranks)
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, total_steps)
-    return model, forward, optimizer, scheduler, build_adversary(cfg, model_cfg, device, ranks, total_steps)
+    return model, forward, optimizer, scheduler, build_adversary(cfg, model_cfg.in_channels, device, ranks,
+                                                                 total_steps)
 
 
 def step_forward(model, cfg: TrainConfig, ranks, device):
@@ -281,7 +212,7 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
     for the device, and the batch's per-code counts."""
     model.train()
     if codes_frozen(model):  # no EMA updates, no re-seeded codes
-        for quantizer in code_quantizers(model):
+        for quantizer in model.code_quantizers():
             quantizer.eval()
     if cfg.vflip:  # flip a random half of the batch; the draw comes from the saved torch RNG
         flip = torch.rand(len(x), device=x.device) < 0.5
@@ -296,9 +227,9 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
     if adversary is not None:
         fake = torch.sigmoid(logits.float())
         if heard_share > 0:
-            fooled = generator_loss(judge(adversary.net, fake, autocast_dtype).float())
-            last_layer = model.decoder.net[-1].weight
-            loss = loss + heard_share * cfg.adversarial * adaptive_weight(recon, fooled, last_layer) * fooled
+            term, fooled = decoder_adversarial_loss(adversary, fake, recon, model.decoder.net[-1].weight,
+                                                    heard_share * cfg.adversarial, autocast_dtype)
+            loss = loss + term
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -307,57 +238,6 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
         discriminated = discriminator_step(adversary, x, fake.detach(), autocast_dtype)
     losses = [loss, recon, vq_loss, fooled, discriminated]
     return torch.stack([v.detach() for v in losses]), stats["counts"].long()
-
-
-def freezes_codes(cfg: TrainConfig, adversary, step):
-    """Whether the codes stop learning from this step on: once the decoder hears the
-    discriminator, with --adversarial-freeze-codes."""
-    return adversary is not None and cfg.adversarial_freeze_codes and adversary.heard(step)
-
-
-def freeze_codes(model):
-    """The encoder and codebooks stop learning. Without gradients autograd skips the encoder's
-    backward pass (a fifth of the step) and Adam leaves them alone; train_step keeps the
-    quantizers in eval mode: no EMA update, no re-seeded code."""
-    for p in code_parameters(model):
-        p.requires_grad_(False)
-
-
-def codes_frozen(model):
-    return not any(p.requires_grad for p in model.encoder.parameters())
-
-
-def code_quantizers(model):
-    return [model.quantizer] + ([model.top.quantizer] if model.top is not None else [])
-
-
-def code_parameters(model):
-    """What decides the codes: the encoder's weights and the coarse level's (codebooks included)."""
-    parts = [model.encoder, model.quantizer] + ([model.top] if model.top is not None else [])
-    return [p for part in parts for p in part.parameters()]
-
-
-def judge(net, images, autocast_dtype):
-    """The discriminator's logits for the decoder's loss. Its weights are frozen for this pass:
-    the decoder's step needs the gradient at the images only."""
-    net.requires_grad_(False)
-    try:
-        with torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            return net(images)
-    finally:
-        net.requires_grad_(True)
-
-
-def discriminator_step(adversary, real, fake, autocast_dtype):
-    """One step of the discriminator on a batch of real slices and their reconstructions."""
-    with torch.autocast(real.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-        logits = adversary.forward(torch.cat([real, fake]))
-    real_logits, fake_logits = logits.float().chunk(2)
-    loss = discriminator_hinge_loss(real_logits, fake_logits)
-    adversary.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    adversary.optimizer.step()
-    return loss.detach()
 
 
 def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
@@ -369,15 +249,12 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     """
     if model_cfg.coarse_only and model_cfg.levels == 1:
         raise FlagError(f"--coarse-only {model_cfg.coarse_only} needs --levels 2 (one level has no coarse codes)")
-    check_adversarial_flags(cfg)
-    with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, "vqvae", ranks.main):
-        progress = progress and ranks.main
-        set_seed(cfg.seed)
-        say = print_on_main(ranks)
-        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
+    check_schedule_flags(cfg)
+    with training_run(cfg, "vqvae", "vqvae", "python train.py", progress) as run:
+        cfg, ranks, device, say = run.cfg, run.ranks, run.device, run.say
         root = resolve_data_root(cfg.data)
-        train_u8, _ = load_split_tensor(root, "train", cfg.image_size, device, progress=progress)
-        val_u8, _ = load_split_tensor(root, "validate", cfg.image_size, device, progress=progress)
+        train_u8, _ = load_split_tensor(root, "train", cfg.image_size, device, progress=run.progress)
+        val_u8, _ = load_split_tensor(root, "validate", cfg.image_size, device, progress=run.progress)
         say(f"data: {root} | train {len(train_u8)} | validate {len(val_u8)} | "
             f"{cfg.image_size}x{cfg.image_size} | device {device}"
             + (f" | {ranks.world} processes" if ranks.world > 1 else ""))
@@ -388,12 +265,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                                                                          len(train_u8))
         adversary_states = {} if adversary is None else {"discriminator": adversary.net,
                                                          "discriminator_optimizer": adversary.optimizer}
-        last_path = Path(cfg.checkpoint_dir) / "vqvae_last.pt"
-        best_path = Path(cfg.checkpoint_dir) / "vqvae_best.pt"
         state = RunState(best=-1.0)
         if cfg.resume:
-            state = resume_run(last_path, "vqvae", "python train.py", model, model_cfg, optimizer, scheduler,
-                               extra_states=adversary_states)
+            state = run.resume(model, model_cfg, optimizer, scheduler, extra_states=adversary_states)
         elif ranks.main:  # a new run's GIF must not pick up an older run's frames
             for old_frame in Path(cfg.progress_dir).glob("epoch_*.png"):
                 old_frame.unlink()
@@ -412,12 +286,12 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
             for epoch in range(state.epoch, cfg.epochs):
                 order = epoch_order(len(train_u8), cfg.seed, epoch).to(device)
                 losses = EpochLosses(state.step, device)
-                bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, progress, say)
+                bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, run.progress, say)
                 for i in bar:
                     x = to_unit(train_u8[my_batch(order, i, cfg.batch_size, ranks)])
-                    judging = adversary if adversary is not None and adversary.joined(state.step) else None
-                    share = judging.share(state.step) if judging is not None else 0.0
-                    if freezes_codes(cfg, adversary, state.step) and not codes_frozen(model):
+                    judging = adversary if adversary is not None and adversary.trains(state.step) else None
+                    share = judging.decoder_share(state.step) if judging is not None else 0.0
+                    if adversary is not None and adversary.codes_freeze_at(state.step) and not codes_frozen(model):
                         freeze_codes(model)  # also on resuming a run past this point
                         forward = step_forward(model, cfg, ranks, device)
                     step_losses, step_counts = train_step(model, forward, optimizer, scheduler, x, cfg, judging,
@@ -432,8 +306,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                               + codebook_line(counts, model_cfg.num_codes, ranks))
                         counts.zero_()
                     save_when_due_or_stopping(stop, state, losses, ranks, device, at_log_point=at_log_point,
-                                              checkpoint_every=cfg.checkpoint_every, save_last=lambda: save(last_path),
-                                              resume_command="python train.py --resume (with the same flags)")
+                                              checkpoint_every=cfg.checkpoint_every,
+                                              save_last=lambda: save(run.last_path),
+                                              resume_command=run.resume_command())
                 bar.close()
                 train_loss, train_recon, train_vq, train_fooled, train_judged = (losses.means(ranks)
                                                                                   or [float("nan")] * 5)
@@ -442,8 +317,8 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                 val_ssim, val_sharpness, val_counts = evaluate(model, val_u8, ranks=ranks)
                 perplexity, used = codebook_usage(val_counts)
                 # the epoch's last step: the discriminator trained (judged), the decoder heard it (heard)
-                judged = adversary is not None and adversary.joined(state.step - 1)
-                heard = judged and adversary.heard(state.step - 1)
+                judged = adversary is not None and adversary.trains(state.step - 1)
+                heard = judged and adversary.decoder_hears(state.step - 1)
                 record = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
                           "train_loss": train_loss, "train_recon": train_recon, "train_vq": train_vq,
                           "train_adversarial": train_fooled, "train_discriminator": train_judged,
@@ -459,15 +334,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                 # every process holds the same all-reduced figure. With a discriminator the last epoch is
                 # kept: validation SSIM prefers the blur it is there to remove, down to the epochs that
                 # barely heard it, and its dips (RESULTS.md, "A patch discriminator")
-                keep = heard if adversary is not None else val_ssim > state.best
-                if keep:
-                    state.best = val_ssim
-                    if ranks.main:
-                        save(best_path)
-                if ranks.main:
-                    save(last_path)
+                run.end_epoch(state, val_ssim, heard if adversary is not None else val_ssim > state.best, save)
         say(f"best validation SSIM {state.best:.4f}{' (the last epoch)' if adversary is not None else ''} "
-            f"-> {best_path}")
+            f"-> {run.best_path}")
         return state.history
 
 
@@ -485,7 +354,7 @@ def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig, bench: TrainBen
     device, cfg = prepare_benchmark(cfg)
     train_u8, _ = load_split_tensor(resolve_data_root(cfg.data), "train", cfg.image_size, device)
     model, forward, optimizer, scheduler, adversary = build_training(cfg, model_cfg, device, Ranks(), len(train_u8))
-    if adversary is not None and cfg.adversarial_freeze_codes:
+    if adversary is not None and adversary.freezes_codes:
         freeze_codes(model)  # the steps timed are the decoder's, hearing the discriminator
     next_batch = (resident_batches if bench.benchmark_loader == "resident" else loader_batches)(
         train_u8, cfg.batch_size, cfg.seed, device)
@@ -495,47 +364,6 @@ def benchmark_training(cfg: TrainConfig, model_cfg: VQVAEConfig, bench: TrainBen
                                "adversarial": cfg.adversarial,
                                "channels_last": cfg.channels_last, "compile": cfg.compile,
                                "hidden": model_cfg.hidden, "num_codes": model_cfg.num_codes}, figures)
-
-
-def resident_batches(images_u8, batch_size, seed, device):
-    """Batches as training makes them: indexing and conversion happen on the device."""
-    epoch = itertools.count()
-    order, position = epoch_order(len(images_u8), seed, next(epoch)).to(device), 0
-
-    def next_batch():
-        nonlocal order, position
-        if position + batch_size > len(images_u8):
-            order, position = epoch_order(len(images_u8), seed, next(epoch)).to(device), 0
-        position += batch_size
-        return to_unit(images_u8[order[position - batch_size:position]])
-
-    return next_batch
-
-
-def stack_as_float(items):
-    return to_unit(torch.stack([x for (x,) in items]))
-
-
-def loader_batches(images_u8, batch_size, seed, device):
-    """The common alternative: a shuffling DataLoader over host memory, with two workers
-    converting to float, and a copy to the device every step."""
-    host = torch.utils.data.TensorDataset(images_u8.cpu())
-    loader = torch.utils.data.DataLoader(
-        host, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=2,
-        persistent_workers=True, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=stack_as_float)
-    batches = iter(())
-
-    def next_batch():
-        nonlocal batches
-        batch = next(batches, None)
-        if batch is None:
-            batches = iter(loader)
-            batch = next(batches)
-        return batch.to(device, non_blocking=True)
-
-    return next_batch
 
 
 def save_progress_grid(model, images_u8, path):

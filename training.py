@@ -1,20 +1,77 @@
-"""What both trainers share: the hard parts of a training loop.
+"""What both trainers share: the frame of a run and the hard parts of a training loop.
 
 The loops themselves live in train.py and pixelcnn.py, where they read top to bottom; they
-call the parts that are easy to get wrong by name: `EpochLosses` (losses summed on the
-device, checked for NaN without a host sync per step), `apply_time_budget` (a --minutes
-budget turned into a step count), `save_when_due_or_stopping` (the resumable checkpoint, and a
-stop that processes agree on), and `StopFlag` (SIGINT/SIGTERM as a request to stop).
+run inside one frame, `training_run` (the checkpoint folder's lock, the seed, the precision,
+resuming, keeping the best and last checkpoints), and call the parts that are easy to get
+wrong by name: `EpochLosses` (losses summed on the device, checked for NaN without a host sync
+per step), `apply_time_budget` (a --minutes budget turned into a step count),
+`save_when_due_or_stopping` (the resumable checkpoint, and a stop that processes agree on), and
+`StopFlag` (SIGINT/SIGTERM as a request to stop).
 """
+import contextlib
+import dataclasses
 import math
 import signal
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from checkpoint import resume_run, run_lock
 from errors import NonFiniteLoss
-from hardware import synchronize
+from hardware import Ranks, print_on_main, process_group, resolve_dtype, set_seed, synchronize
+
+
+# ----------------------------------------------------------------------------- the frame of a run
+
+@dataclasses.dataclass
+class Run:
+    """Where a run trains: its config (with --dtype resolved), its processes and device, say()
+    (print on the first process), whether to show progress bars, and its checkpoint files
+    <name>_last.pt (resumable) and <name>_best.pt (the one kept)."""
+    cfg: object
+    ranks: Ranks
+    device: torch.device
+    say: object
+    progress: bool
+    last_path: Path
+    best_path: Path
+    kind: str
+    made_by: str
+
+    def resume(self, model, model_cfg, optimizer, scheduler, check=None, extra_states=None):
+        """The RunState of the last checkpoint, with everything restored into the parts given."""
+        return resume_run(self.last_path, self.kind, self.made_by, model, model_cfg, optimizer, scheduler,
+                          check=check, extra_states=extra_states)
+
+    def resume_command(self):
+        return f"{self.made_by} --resume (with the same flags)"
+
+    def end_epoch(self, state, value, keep, save):
+        """After an epoch is validated: with keep, `value` is the run's best and save(path) writes
+        the best checkpoint; the resumable last checkpoint is written every epoch. Every process
+        calls it (they agree on keep); the first writes."""
+        if keep:
+            state.best = value
+            if self.ranks.main:
+                save(self.best_path)
+        if self.ranks.main:
+            save(self.last_path)
+
+
+@contextlib.contextmanager
+def training_run(cfg, name, kind, made_by, progress=True):
+    """The frame both trainers run in: the processes (one, or torchrun's), the lock on
+    cfg.checkpoint_dir for checkpoints named `name`, the seed, and --dtype resolved for the
+    device. Yields a Run."""
+    with process_group(cfg.device) as (ranks, device), run_lock(cfg.checkpoint_dir, name, ranks.main):
+        set_seed(cfg.seed)
+        say = print_on_main(ranks)
+        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, say))
+        folder = Path(cfg.checkpoint_dir)
+        yield Run(cfg, ranks, device, say, progress and ranks.main, folder / f"{name}_last.pt",
+                  folder / f"{name}_best.pt", kind, made_by)
 
 
 def make_adam(parameters, lr, device, betas=(0.9, 0.999)):

@@ -12,7 +12,7 @@ import pixelcnn
 import train
 from cli import parse_configs
 from demo import make_demo
-from prior import PixelCNNConfig
+from modules import PixelCNNConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,16 +1,15 @@
 """The patch discriminator of --adversarial: its formulas on known inputs, and what a training
 step with it changes."""
-import dataclasses
-
 import pytest
 import torch
 
 import train
-from adversary import PatchDiscriminator, adaptive_weight, discriminator_hinge_loss, generator_loss
+from adversary import (PatchDiscriminator, adaptive_weight, codes_frozen, discriminator_hinge_loss, freeze_codes,
+                       generator_loss, judge)
 from checkpoint import load_checkpoint
 from cli import parse_configs
 from errors import CheckpointError
-from vqvae import VQVAE, VQVAEConfig
+from modules import VQVAEConfig
 
 
 def test_the_discriminator_judges_overlapping_patches_of_a_256_slice():
@@ -65,7 +64,7 @@ def test_a_step_with_the_adversary_trains_both_and_moves_the_decoder_otherwise(t
     x = torch.rand(8, 1, 32, 32)
     cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1",
                                                                          "--no-adversarial-freeze-codes")
-    assert adversary.first_step == int(0.72 * cfg.epochs * 2)  # 16 images, batch 8: 2 steps an epoch
+    assert adversary.trains_from == int(0.72 * cfg.epochs * 2)  # 16 images, batch 8: 2 steps an epoch
     plain_cfg, plain, plain_forward, plain_optimizer, plain_scheduler, _ = tiny_training()
     plain.load_state_dict(model.state_dict())
     before = {k: v.clone() for k, v in adversary.net.state_dict().items()}
@@ -85,8 +84,8 @@ def test_during_the_warm_up_the_discriminator_trains_alone(tiny_training):
     x = torch.rand(8, 1, 32, 32)
     cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1", "--epochs", "10",
                                                                          "--adversarial-warmup", "0.2")
-    assert adversary.heard_from == adversary.first_step + 4  # 20 steps in all
-    assert not adversary.heard(adversary.heard_from - 1) and adversary.heard(adversary.heard_from)
+    assert adversary.heard_from == adversary.trains_from + 4  # 20 steps in all
+    assert not adversary.decoder_hears(adversary.heard_from - 1) and adversary.decoder_hears(adversary.heard_from)
     plain_cfg, plain, plain_forward, plain_optimizer, plain_scheduler, _ = tiny_training()
     plain.load_state_dict(model.state_dict())
     before = {k: v.clone() for k, v in adversary.net.state_dict().items()}
@@ -108,24 +107,24 @@ def test_with_frozen_codes_only_the_decoder_learns_once_it_hears(tiny_training, 
     cfg, model, forward, optimizer, scheduler, adversary = tiny_training("--adversarial", "1", "--levels", levels,
                                                                          "--adversarial-freeze-codes")
     torch.manual_seed(1)
-    assert not train.freezes_codes(cfg, adversary, adversary.heard_from - 1)
+    assert not adversary.codes_freeze_at(adversary.heard_from - 1)
     train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary, heard_share=0.0)
     assert model.quantizer.training  # during the warm-up the codes still learn
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    assert train.freezes_codes(cfg, adversary, adversary.heard_from)
-    train.freeze_codes(model)
+    assert adversary.codes_freeze_at(adversary.heard_from)
+    freeze_codes(model)
     torch.manual_seed(2)
     train.train_step(model, forward, optimizer, scheduler, x, cfg, adversary, heard_share=1.0)
 
-    assert not model.quantizer.training and train.codes_frozen(model)
+    assert not model.quantizer.training and codes_frozen(model)
     # no backward pass through the encoder: its weights got no gradient
-    assert all(p.grad is None for p in train.code_parameters(model))
+    assert all(p.grad is None for p in model.code_parameters())
     assert all(p.grad is not None for p in model.decoder.parameters())
     after = model.state_dict()
     code_side = [k for k in after if not k.startswith("decoder.")]
     assert any("ema_sum" in k for k in code_side) and any(k.startswith("encoder.") for k in code_side)
-    assert any(k.startswith("top.") for k in code_side) == (levels == "2")
+    assert any(k.startswith("coarse.") for k in code_side) == (levels == "2")
     for name in code_side:  # encoder, codebooks and their EMA statistics stay put
         assert torch.equal(after[name], before[name]), name
     assert not torch.equal(after["decoder.net.2.weight"], before["decoder.net.2.weight"])
@@ -135,9 +134,9 @@ def test_the_decoders_share_of_the_adversarial_loss_ramps_up_once_it_hears(tiny_
     *_, adversary = tiny_training("--adversarial", "1", "--epochs", "10", "--adversarial-warmup", "0.2",
                                   "--adversarial-ramp", "0.2")
     start = adversary.heard_from
-    assert [adversary.share(start + k) for k in (-1, 0, 1, 3, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0, 1.0]
+    assert [adversary.decoder_share(start + k) for k in (-1, 0, 1, 3, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0, 1.0]
     *_, at_once = tiny_training("--adversarial", "1", "--adversarial-ramp", "0")
-    assert at_once.share(at_once.heard_from) == 1.0 and at_once.share(at_once.heard_from - 1) == 0.0
+    assert at_once.decoder_share(at_once.heard_from) == 1.0 and at_once.decoder_share(at_once.heard_from - 1) == 0.0
 
 
 def test_the_discriminator_has_its_own_learning_rate_and_gan_momentum(tiny_training):
@@ -149,7 +148,7 @@ def test_the_discriminator_has_its_own_learning_rate_and_gan_momentum(tiny_train
 def test_judging_for_the_decoder_leaves_the_discriminators_gradients_alone():
     net = PatchDiscriminator()
     images = torch.rand(2, 1, 32, 32, requires_grad=True)
-    generator_loss(train.judge(net, images, torch.float32)).backward()
+    generator_loss(judge(net, images, torch.float32)).backward()
     assert images.grad is not None and all(p.grad is None for p in net.parameters())
     assert all(p.requires_grad for p in net.parameters())
 

@@ -13,7 +13,8 @@ from checkpoint import load_prior, load_vqvae
 from dataset import load_split, load_split_tensor
 from lesions import RING_CORE, LesionSet, detection_figures, make_lesion_set
 from metrics import auroc, average_precision, best_dice, dice_at
-from prior import PixelCNNConfig, Priors, VerticalStacks, build_prior, heal_codes, sample_codes
+from modules import PixelCNNConfig, Priors, build_prior
+from prior import VerticalStacks, heal_codes, sample_codes
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ import pixelcnn
 import predict
 import train
 from checkpoint import TrainedModels, load_prior, load_trained_pair, load_vqvae
+from codes import decode_all, encode_all_levels
 from errors import CheckpointError, FlagError
-from prior import PixelCNNConfig, Priors, build_prior, heal_codes, sample_codes, sample_levels
-from vqvae import VQVAE, VQVAEConfig, decode_all, encode_all_levels
+from modules import PixelCNNConfig, Priors, VQVAE, VQVAEConfig, build_prior
+from prior import heal_codes, sample_codes, sample_levels
 
 
 def detail_prior(num_codes=10, context_codes=7, grid_size=8, n_layers=2):
@@ -194,7 +195,7 @@ def test_a_detail_prior_of_another_vqvae_is_refused(two_levels, tmp_path):
     shutil.copytree(two_levels / "checkpoints", tmp_path / "checkpoints")
     vqvae_path = tmp_path / "checkpoints" / "vqvae_best.pt"
     ckpt = torch.load(vqvae_path, weights_only=True)
-    ckpt["model"]["top.quantizer.codebook"] += 1.0  # another coarse codebook: other pictures
+    ckpt["model"]["coarse.quantizer.codebook"] += 1.0  # another coarse codebook: other pictures
     torch.save(ckpt, vqvae_path)
     models = TrainedModels(vqvae=str(vqvae_path), prior=str(tmp_path / "checkpoints" / "pixelcnn_best.pt"))
     with pytest.raises(CheckpointError, match="fit to another VQ-VAE"):

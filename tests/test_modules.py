@@ -5,10 +5,10 @@ import torch.nn.functional as F
 import pixelcnn
 from errors import DataError
 from metrics import ssim_per_image
-from prior import (GatedPixelCNN, MaskedConv2d, PixelCNNConfig, build_prior, columns_seen, nucleus, rows_seen_above,
-                   sample_codes, slice_conditions)
+from modules import (GatedPixelCNN, MaskedConv2d, PixelCNNConfig, VQVAE, VQVAEConfig, VectorQuantizer, build_prior,
+                     columns_seen, rows_seen_above)
+from prior import nucleus, sample_codes, slice_conditions
 from train import PRESETS
-from vqvae import VQVAE, VectorQuantizer, VQVAEConfig
 
 TINY_VQ = dict(hidden=16, res_hidden=8, num_codes=32, code_dim=8)
 

@@ -11,8 +11,7 @@ import predict
 import train
 from cli import parse_configs
 from errors import FlagError
-from prior import PixelCNNConfig, rows_seen_above
-from vqvae import VQVAEConfig
+from modules import PixelCNNConfig, VQVAEConfig, rows_seen_above
 
 N_SAMPLES = 3
 

@@ -15,7 +15,7 @@ import realism
 from checkpoint import RunState, checkpoint_payload, save_checkpoint
 from errors import DataError
 from metrics import ssim_matrix
-from prior import PixelCNNConfig, build_prior
+from modules import PixelCNNConfig, build_prior
 from training import WarmupCosine
 
 # Enough for the classifier to see a blur or to recognise subjects, in seconds on a CPU.

@@ -14,9 +14,10 @@ import predict
 import train
 from checkpoint import load_checkpoint, load_vqvae
 from cli import parse_configs
+from codes import encode_all
 from dataset import load_split_tensor
 from errors import CheckpointError, NonFiniteLoss
-from vqvae import VQVAEConfig, encode_all
+from modules import VQVAEConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import pixelcnn
 import training
 from checkpoint import load_checkpoint, load_prior, save_checkpoint
 from errors import CheckpointError, OutputError
-from prior import PixelCNNConfig, build_prior
+from modules import PixelCNNConfig, build_prior
 from training import WarmupCosine
 
 
