@@ -22,8 +22,9 @@ maps/<name>.npy (the healing map), overlays/<name>.png (pixels above its thresho
 anomaly_scores.csv (each map's highest value in the brain), and with --masks (same file names,
 nonzero = lesion) pixel AUROC, AUPRC, Dice, best-possible Dice and slice AUROC.
 
-The benchmark (lesions.py): smooth-edged blobs drawn inside the brain of half the test slices
-(seeded; nothing is written into the data folders); the test split is loaded only after every
+The benchmark (lesions.py): lesions of three kinds (smooth-edged blobs, sharp-edged rings,
+textured blobs) drawn inside the brain of half the test slices (seeded; nothing is written into
+the data folders); the test split is loaded only after every
 threshold is set. Reported: pixel AUROC, AUPRC, Dice at the thresholds set, Dice at pixel
 thresholds tuned on validate lesions, the best-possible Dice, and slice AUROC (lesioned against
 untouched slices, each scored by its map's maximum), in all and by lesion size and contrast.
@@ -33,6 +34,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 import numpy as np
@@ -59,6 +61,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 BINS = SIZE_BINS + (FROM_10PX,) + CONTRAST_BINS  # the columns of the printed table
+
+
+class Detector(NamedTuple):
+    """What maps a slice: the VQ-VAE, its priors, the image size its codes are for, the slice
+    positions the prior is conditioned on (0: none) and the device."""
+    vqvae: torch.nn.Module
+    priors: Priors
+    image_size: int
+    n_conditions: int
+    device: torch.device
 
 
 @dataclass
@@ -290,16 +302,16 @@ def save_examples(bench: Benchmark, maps: Maps, path):
 def run_anomaly(cfg: AnomalyConfig):
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
-    vqvae, vq_ckpt, prior, prior_ckpt, detail = load_trained_pair(cfg, device)
-    image_size, n_conditions = image_size_of(vq_ckpt), prior_ckpt["model_config"]["n_conditions"]
+    pair = load_trained_pair(cfg, device)
+    models = Detector(pair.vqvae, pair.priors, image_size_of(pair.vqvae_ckpt),
+                      pair.prior_ckpt["model_config"]["n_conditions"], device)
     root = resolve_data_root(cfg.data)
-    models = (vqvae, Priors(prior, detail), image_size, n_conditions, device)
     if cfg.images:
         return run_on_images(cfg, root, models)
     return run_benchmark(cfg, root, models)
 
 
-def set_thresholds(cfg: AnomalyConfig, root, models):
+def set_thresholds(cfg: AnomalyConfig, root, models: Detector):
     """-> (heal threshold, {method: pixel threshold}, what they were set on, validate figures or None,
     seconds): from healthy validate slices (the default), or tuned on validate lesions."""
     vqvae, priors, image_size, n_conditions, device = models
@@ -321,7 +333,7 @@ def set_thresholds(cfg: AnomalyConfig, root, models):
         time.perf_counter() - started
 
 
-def run_benchmark(cfg: AnomalyConfig, root, models):
+def run_benchmark(cfg: AnomalyConfig, root, models: Detector):
     vqvae, priors, image_size, n_conditions, device = models
     threshold, pixel, set_on, validate, validate_seconds = set_thresholds(cfg, root, models)
     tuned = pixel
@@ -381,7 +393,7 @@ def save_overlay(path, image, anomaly_map, threshold):
     write_atomically(path, lambda f: Image.fromarray(rgb.round().astype(np.uint8), mode="RGB").save(f, format="PNG"))
 
 
-def run_on_images(cfg: AnomalyConfig, root, models):
+def run_on_images(cfg: AnomalyConfig, root, models: Detector):
     """Maps of a folder of the user's slices, thresholds set on --data's validate slices; scored
     against --masks where given (the maps never see them)."""
     vqvae, priors, image_size, n_conditions, device = models

@@ -32,6 +32,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ import torch
 from cli import opt
 from errors import CheckpointError
 from files import remove_leftover_temporaries, write_atomically
-from modules import PixelCNNConfig, VQVAE, VQVAEConfig, build_prior
+from modules import VQVAE, PixelCNNConfig, Priors, VQVAEConfig, build_prior
 
 
 @dataclasses.dataclass
@@ -170,15 +171,29 @@ def check_pairing(prior_ckpt, prior_path, vqvae_ckpt, vqvae_path, allow_unpaired
                           f"`python pixelcnn.py --vqvae {vqvae_path} --data ...`, or pass --allow-unpaired")
 
 
+class TrainedPair(NamedTuple):
+    """A VQ-VAE and the priors fit to it, with their checkpoints. detail: the detail prior of a
+    two-level VQ-VAE, None for one level."""
+    vqvae: torch.nn.Module
+    vqvae_ckpt: dict
+    prior: torch.nn.Module
+    prior_ckpt: dict
+    detail: torch.nn.Module | None
+
+    @property
+    def priors(self):
+        return Priors(self.prior, self.detail)
+
+
 def load_trained_pair(models: TrainedModels, device):
-    """The VQ-VAE and the prior that --vqvae and --prior name, checked to belong together:
-    (vqvae, its checkpoint, prior, its checkpoint, detail prior). The detail prior is None for
-    a one-level VQ-VAE; for a two-level one it is --detail-prior, checked the same way."""
+    """The VQ-VAE and the prior that --vqvae and --prior name, checked to belong together, as a
+    TrainedPair. The detail prior is None for a one-level VQ-VAE; for a two-level one it is
+    --detail-prior, checked the same way."""
     vqvae, vqvae_ckpt = load_vqvae(models.vqvae, device)
     prior, prior_ckpt = load_prior(models.prior, device)
     check_pairing(prior_ckpt, models.prior, vqvae_ckpt, models.vqvae, models.allow_unpaired)
     if vqvae.cfg.levels == 1:
-        return vqvae, vqvae_ckpt, prior, prior_ckpt, None
+        return TrainedPair(vqvae, vqvae_ckpt, prior, prior_ckpt, None)
     detail_path = models.detail_prior or str(Path(models.prior).with_name("pixelcnn_detail_best.pt"))
     detail, detail_ckpt = load_prior(detail_path, device)
     if not detail.cfg.context_codes or prior.cfg.context_codes:
@@ -186,7 +201,7 @@ def load_trained_pair(models: TrainedModels, device):
                               f"of {models.vqvae}; pixelcnn.py writes them as pixelcnn_best.pt and "
                               f"pixelcnn_detail_best.pt")
     check_pairing(detail_ckpt, detail_path, vqvae_ckpt, models.vqvae, models.allow_unpaired)
-    return vqvae, vqvae_ckpt, prior, prior_ckpt, detail
+    return TrainedPair(vqvae, vqvae_ckpt, prior, prior_ckpt, detail)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""The synthetic lesion benchmark: smooth-edged blobs drawn into held-out slices, with their
-masks, and the figures that score an anomaly map against them.
+"""The synthetic lesion benchmark: lesions of three kinds (LESION_KINDS: smooth-edged blobs,
+sharp-edged rings, textured blobs) drawn into held-out slices, with their masks, and the figures
+that score an anomaly map against them.
 
 Lesions are drawn in memory, deterministically from a seed; nothing is written into the data
 folders. Sizes are given in pixels at 256 x 256 (the OASIS slices' own size) and scaled to the

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
-from codes import decode_all
+from codes import decode_all, encode_all_levels
 from lesions import LesionSet
 from modules import Priors
 from prior import code_nll, heal_codes
@@ -47,7 +47,7 @@ def inner_regions(regions, margin):
 
 @dataclass
 class Encoded:
-    codes: torch.Tensor           # (N, h, w) on the device: the coarsest codes, which the prior models
+    coarse: torch.Tensor          # (N, h, w) on the device: the coarsest codes, which the prior models
     nll: torch.Tensor             # (N, h, w): -log p(code | codes before it), nats
     reconstructions: np.ndarray   # (N, H, W): the decoded codes
     fine: torch.Tensor | None = None  # (N, 2h, 2w): a two-level VQ-VAE's fine codes
@@ -55,13 +55,11 @@ class Encoded:
 
 @torch.no_grad()
 def encode(vqvae, priors: Priors, bench: Benchmark, device, batch_size=64):
-    images = torch.from_numpy(bench.lesions.images)[:, None]
-    levels = [torch.cat(level) for level in zip(*(vqvae.encode_levels(images[i:i + batch_size].to(device))
-                                                  for i in range(0, len(images), batch_size)))]
-    codes = levels[0]
-    nll = torch.cat([code_nll(priors.coarse, codes[i:i + batch_size], None if bench.cond is None else
-                              bench.cond[i:i + batch_size]) for i in range(0, len(codes), batch_size)])
-    return Encoded(codes, nll, decode_all(vqvae, levels)[:, 0].numpy(), levels[1] if len(levels) == 2 else None)
+    levels = encode_all_levels(vqvae, torch.from_numpy(bench.lesions.images)[:, None], batch_size, device)
+    coarse, fine = levels[0], (levels[1] if len(levels) == 2 else None)
+    nll = torch.cat([code_nll(priors.coarse, coarse[i:i + batch_size], None if bench.cond is None else
+                              bench.cond[i:i + batch_size]) for i in range(0, len(coarse), batch_size)])
+    return Encoded(coarse, nll, decode_all(vqvae, levels)[:, 0].numpy(), fine)
 
 
 def smooth(maps, sigma_at_256):
@@ -90,7 +88,7 @@ def heal_levels(priors: Priors, encoded: Encoded, who, flagged, cond, generator,
     """The flagged coarse codes of the slices `who` healed; with a detail prior, the fine codes
     under every flagged coarse code drawn afresh too, given the healed coarse codes (else the
     fine codes would redraw what was healed away). -> the code grids of every level."""
-    codes = heal_codes(priors.coarse, encoded.codes[who], flagged[who], cond, generator=generator, progress=progress)
+    codes = heal_codes(priors.coarse, encoded.coarse[who], flagged[who], cond, generator=generator, progress=progress)
     if priors.detail is None:
         return [codes]
     under = flagged[who].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
@@ -105,11 +103,11 @@ def heal(vqvae, priors: Priors, bench: Benchmark, encoded: Encoded, threshold, n
 
     The n_heal copies of every slice are healed together, batch_size code grids at a time."""
     flagged = encoded.nll > -math.log(threshold)
-    owners = torch.arange(len(encoded.codes), device=device).repeat_interleave(n_heal)
+    owners = torch.arange(len(encoded.coarse), device=device).repeat_interleave(n_heal)
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks = [owners[i:i + batch_size] for i in range(0, len(owners), batch_size)]
     healed = []
-    with tqdm(total=encoded.codes.shape[1] * len(chunks), desc=f"healing {bench.split}", leave=False) as bar:
+    with tqdm(total=encoded.coarse.shape[1] * len(chunks), desc=f"healing {bench.split}", leave=False) as bar:
         for who in chunks:
             cond = bench.cond[who] if bench.cond is not None else None
             codes = heal_levels(priors, encoded, who, flagged, cond, generator, bar)

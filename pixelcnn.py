@@ -113,7 +113,8 @@ def what_to_model(levels, slice_idx, model_cfg: PixelCNNConfig):
     """(codes, conditions) of one split for a prior: the coarsest codes given slice positions, or
     for a detail prior the fine codes given the coarse ones."""
     if model_cfg.context_codes:
-        return levels[1], levels[0]
+        coarse, fine = levels
+        return fine, coarse
     return levels[0], slice_conditions(slice_idx, model_cfg.n_conditions)
 
 

@@ -39,7 +39,7 @@ def intensity_histogram(images, bins=HISTOGRAM_BINS):
 
 
 def brain_area_fractions(images):
-    """Fraction of each image above dataset.FOREGROUND_THRESHOLD: (N,) numpy."""
+    """Fraction of each image above slices.FOREGROUND_THRESHOLD: (N,) numpy."""
     images = torch.as_tensor(images).float()
     return (images > FOREGROUND_THRESHOLD).flatten(1).float().mean(dim=1).cpu().numpy()
 
@@ -95,7 +95,7 @@ def as_uint8(images):
 
 def shape_figures(images_by_name):
     """What a person sees at a glance, per image: how ragged the head's outline is and how many
-    black holes lie inside it (demo.outline_roughness, demo.dark_holes)."""
+    black holes lie inside it (brain.outline_roughness, brain.dark_holes)."""
     figures = {}
     for name, images in images_by_name.items():
         images = as_uint8(images)

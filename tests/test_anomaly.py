@@ -236,7 +236,7 @@ def test_the_maps_leave_out_a_band_along_the_brains_edge():
     lesions = LesionSet(images=images, weights=np.zeros_like(images), masks=none, lesioned=np.zeros(1, bool),
                         diameters=np.full(1, np.nan), contrasts=np.zeros(1))
     bench = maps.Benchmark("test", lesions, disc[None], inner[None], None, np.zeros(1, int))
-    encoded = maps.Encoded(codes=None, nll=torch.ones(1, 8, 8), reconstructions=np.zeros_like(images))
+    encoded = maps.Encoded(coarse=None, nll=torch.ones(1, 8, 8), reconstructions=np.zeros_like(images))
     band = disc & ~inner
     for scores in (maps.reconstruction_error_map(bench, encoded, 0.0), maps.code_nll_map(bench, encoded)):
         assert (scores[0][band] == 0).all() and (scores[0][inner] > 0).all() and (scores[0][~disc] == 0).all()

@@ -202,6 +202,24 @@ def test_a_detail_prior_of_another_vqvae_is_refused(two_levels, tmp_path):
         load_trained_pair(models, "cpu")
 
 
+def test_a_checkpoint_naming_the_coarse_level_top_loads_and_keeps_its_priors(two_levels, tmp_path):
+    """Checkpoints once stored the coarse level under "top."; they load as they are, decode alike,
+    and the priors fit to them stay paired."""
+    shutil.copytree(two_levels / "checkpoints", tmp_path / "checkpoints")
+    vqvae_path = tmp_path / "checkpoints" / "vqvae_best.pt"
+    ckpt = torch.load(vqvae_path, weights_only=True)
+    assert any(name.startswith("coarse.") for name in ckpt["model"])
+    ckpt["model"] = {name.replace("coarse.", "top.", 1) if name.startswith("coarse.") else name: tensor
+                     for name, tensor in ckpt["model"].items()}
+    torch.save(ckpt, vqvae_path)
+    old_named = load_trained_pair(TrainedModels(vqvae=str(vqvae_path),
+                                                prior=str(tmp_path / "checkpoints" / "pixelcnn_best.pt")), "cpu")
+    present, _ = load_vqvae(two_levels / "checkpoints" / "vqvae_best.pt", "cpu")
+    codes = [torch.zeros(1, 4, 4, dtype=torch.long), torch.ones(1, 8, 8, dtype=torch.long)]
+    assert torch.equal(old_named.vqvae.decode_indices(codes), present.decode_indices(codes))
+    assert old_named.detail is not None
+
+
 def test_a_missing_detail_prior_is_named(two_levels, tmp_path):
     shutil.copytree(two_levels / "checkpoints", tmp_path / "checkpoints")
     (tmp_path / "checkpoints" / "pixelcnn_detail_best.pt").unlink()
