@@ -4,7 +4,8 @@
     python predict.py --data /path/to/oasis --save-reconstructions
 
 A two-level VQ-VAE's samples take their coarse codes from the prior and their fine codes from
-the detail prior (pixelcnn_detail_best.pt beside --prior, or --detail-prior).
+the detail prior (pixelcnn_detail_best.pt beside --prior, or --detail-prior); --temperature and
+--top-p set how the prior draws, --detail-temperature and --detail-top-p the detail prior.
 
 Writes to out/: reconstructions.png, metrics.json, samples.png and samples/*.png,
 slice_sweep.gif (generated slices from the lowest to the highest conditioned position),
@@ -20,9 +21,12 @@ two-sample tests, split by subject and reported beside two controls that show th
 classifier works (real vs real ~0.5, real vs blurred ~1.0): samples against real held-out
 slices (the headline; also seen at 64 px, where fine texture no longer shows), the
 decoder's reconstructions against them (the most any prior can reach), and samples against
-reconstructed train slices (the prior alone); nearest-neighbour SSIM to the training
-slices, so copying shows; and distances between intensity histograms and brain-area
-distributions.
+reconstructed train slices (the prior alone); by level, at the model's size and half of it,
+each with both controls: samples against reconstructions of held-out slices (the priors
+alone), and with two levels the held-out slices' own coarse codes under fine codes the detail
+prior draws, against their reconstructions (what the detail prior adds) and samples against
+those (what the coarse prior adds); nearest-neighbour SSIM to the training slices, so copying
+shows; and distances between intensity histograms and brain-area distributions.
 """
 import time
 from dataclasses import dataclass
@@ -34,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from c2st import random_subset
 from checkpoint import TrainedModels, image_size_of, load_trained_pair, load_vqvae
 from cli import opt, parse_configs, run_script
 from codes import decode_all, encode_all_levels, reconstruct_all, to_unit
@@ -43,7 +48,7 @@ from errors import FlagError
 from files import image_grid, progress_indices, save_figure, save_gif, save_gray_png, to_uint8, write_json
 from hardware import pick_device, set_seed
 from metrics import codebook_usage, psnr_per_image, sharpness, ssim_per_image, to_numpy_images
-from prior import sample_levels
+from prior import sample_fine, sample_levels
 from realism import print_realism, realism_report
 from slices import FOREGROUND_THRESHOLD, NATIVE_SIZE, resize_unit
 
@@ -61,9 +66,11 @@ class PredictConfig(TrainedModels):
                      choices=["test", "validate"])
     n_samples: int = opt(16, "slices to generate", minimum=1)
     slice: int = opt(-1, "slice position to generate (0..31); -1 draws it from the training data")
-    temperature: float = opt(1.0, "softmax temperature of the prior when sampling")
-    top_p: float = opt(1.0, "nucleus sampling: draw each code from the most likely codes that make up this "
-                            "much of the probability; 1.0 = from all")
+    temperature: float = opt(1.0, "softmax temperature of the prior (of the coarsest codes) when sampling")
+    top_p: float = opt(1.0, "nucleus sampling of the prior: draw each code from the most likely codes that make up "
+                            "this much of the probability; 1.0 = from all")
+    detail_temperature: float = opt(1.0, "a two-level VQ-VAE: softmax temperature of the detail prior (the fine codes)")
+    detail_top_p: float = opt(1.0, "a two-level VQ-VAE: nucleus sampling of the detail prior, as --top-p")
     sweep_frames: int = opt(8, "frames of slice_sweep.gif, one generated slice per conditioned position; 0 = none")
     save_reconstructions: bool = opt(False, "also write every test reconstruction as an 8-bit PNG")
     reconstruction_only: bool = opt(False, "evaluate the VQ-VAE alone (no prior needed): reconstructions, "
@@ -141,11 +148,18 @@ def sample_conditions(prior_ckpt, n, slice_position, generator):
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
+def level_settings(temperature, top_p, prefix=""):
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise FlagError(f"--{prefix}temperature must be above 0 and --{prefix}top-p in (0, 1]; got {temperature}, "
+                        f"{top_p}")
+    return {"temperature": temperature, "top_p": top_p}
+
+
 def sampling_settings(cfg: PredictConfig):
-    """The keyword arguments of prior.sample_codes that --temperature and --top-p set."""
-    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        raise FlagError(f"--temperature must be above 0 and --top-p in (0, 1]; got {cfg.temperature}, {cfg.top_p}")
-    return {"temperature": cfg.temperature, "top_p": cfg.top_p}
+    """The keyword arguments of prior.sample_levels that --temperature and --top-p set, and
+    --detail-temperature and --detail-top-p for the detail prior."""
+    return {**level_settings(cfg.temperature, cfg.top_p),
+            "detail_sampling": level_settings(cfg.detail_temperature, cfg.detail_top_p, "detail-")}
 
 
 def generate(vqvae, prior, prior_ckpt, detail, n, slice_position, sampling, seed, device):
@@ -267,6 +281,22 @@ def finish_figure(fig, axes, path):
     plt.close(fig)
 
 
+def held_out_levels(vqvae, detail, images_u8, case_ids, n, detail_sampling, seed, device):
+    """What realism_report's `levels` needs, from n held-out slices picked at random: their
+    reconstructions, their subjects, and (with a detail prior) their own coarse codes decoded with
+    fine codes the detail prior draws under them."""
+    pick = torch.from_numpy(random_subset(len(images_u8), n, np.random.default_rng(seed)))
+    codes = encode_all_levels(vqvae, images_u8[pick.to(images_u8.device)])
+    reconstructions = decode_all(vqvae, codes)
+    detail_only = None
+    if detail is not None:
+        generator = torch.Generator(device=device).manual_seed(seed + 1)
+        with tqdm(total=2 * codes[0].shape[1], desc="drawing fine codes of held-out slices", leave=False) as bar:
+            fine = sample_fine(detail, codes[0], generator=generator, progress=bar, **detail_sampling)
+        detail_only = decode_all(vqvae, [codes[0], fine])
+    return reconstructions, np.asarray(case_ids)[pick.numpy()], detail_only
+
+
 def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, detail, root, image_size, test_u8, test_case_ids,
             test_recon, device):
     train_u8, train_set = load_split_tensor(root, "train", image_size, device)
@@ -274,11 +304,13 @@ def realism(cfg: PredictConfig, vqvae, prior, prior_ckpt, detail, root, image_si
     samples, _ = generate(vqvae, prior, prior_ckpt, detail, cfg.realism_samples, cfg.slice, sampling_settings(cfg),
                           cfg.seed, device)
     validate_u8, validate_set = load_split_tensor(root, "validate", image_size, device)
-    held_out = (to_unit(torch.cat([validate_u8, test_u8])).cpu(),
-                np.concatenate([validate_set.case_ids, test_case_ids]))
+    held_out_u8 = torch.cat([validate_u8, test_u8])
+    held_out = (to_unit(held_out_u8).cpu(), np.concatenate([validate_set.case_ids, test_case_ids]))
+    levels = held_out_levels(vqvae, detail, held_out_u8, held_out[1], cfg.realism_samples,
+                             sampling_settings(cfg)["detail_sampling"], cfg.seed, device)
     report = realism_report(samples, to_unit(train_u8).cpu(), train_recon, train_set.case_ids,
                             to_unit(test_u8).cpu(), test_recon, held_out=held_out,
-                            test_case_ids=test_case_ids, n_folds=cfg.realism_folds,
+                            test_case_ids=test_case_ids, levels=levels, n_folds=cfg.realism_folds,
                             epochs=cfg.realism_epochs, lr=cfg.realism_lr, batch_size=cfg.realism_batch_size,
                             nn_train=cfg.realism_nn_train, seed=cfg.seed, device=device,
                             input_size=cfg.realism_size)

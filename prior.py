@@ -75,15 +75,25 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
 
 
 @torch.no_grad()
-def sample_levels(prior, detail, n, grid, cond=None, generator=None, progress=None, **sampling):
+def sample_fine(detail, coarse, generator=None, progress=None, **sampling):
+    """Fine code grids (twice the side) drawn by the detail prior under given coarse codes (n, h, w):
+    the prior's, or a real slice's, which isolates what the detail prior adds."""
+    n, height, width = coarse.shape
+    return sample_codes(detail, n, 2 * height, 2 * width, coarse, generator=generator, progress=progress, **sampling)
+
+
+@torch.no_grad()
+def sample_levels(prior, detail, n, grid, cond=None, generator=None, progress=None, detail_sampling=None,
+                  **sampling):
     """Code grids of every level a VQ-VAE decodes, coarse first: the prior's (height, width) =
-    grid, and with a detail prior the fine grids (twice the side) drawn given them."""
+    grid, and with a detail prior the fine grids (twice the side) drawn given them. sampling:
+    temperature and top_p of the prior; detail_sampling: the detail prior's (None: the same)."""
     height, width = grid
     coarse = sample_codes(prior, n, height, width, cond, generator=generator, progress=progress, **sampling)
     if detail is None:
         return [coarse]
-    return [coarse, sample_codes(detail, n, 2 * height, 2 * width, coarse, generator=generator, progress=progress,
-                                 **sampling)]
+    detail_sampling = sampling if detail_sampling is None else detail_sampling
+    return [coarse, sample_fine(detail, coarse, generator=generator, progress=progress, **detail_sampling)]
 
 
 @torch.no_grad()

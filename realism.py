@@ -59,23 +59,62 @@ def _nn_summary(values):
     return {"mean": float(values.mean()), "max": float(values.max()), "n": int(len(values))}
 
 
-def judged_c2st(samples, reference, reference_ids, *, controls_on, input_size, seed, **c2st_args):
+def judged_c2st(samples, reference, reference_ids, *, controls_on, input_size, seed, sample_ids=None,
+                controls=None, **c2st_args):
     """The C2ST of samples against reference images (reference_ids: their subjects) at one input
     size, with both controls run by the same classifier and budget on controls_on = (name,
-    images, subjects), and whether the controls pass."""
-    c2st = classifier_two_sample_test(samples, reference, None, reference_ids, seed=seed,
+    images, subjects), and whether the controls pass. sample_ids: the samples' subjects, where
+    they come from real slices (None: independent draws); controls: the "controls" entry of an
+    earlier result of the same control images, size, count and seed, to reuse."""
+    c2st = classifier_two_sample_test(samples, reference, sample_ids, reference_ids, seed=seed,
                                       input_size=input_size, **c2st_args)
-    n = c2st["n_per_class"]
-    control_name, control_images, control_ids = controls_on
-    real_vs_real = real_vs_real_control(control_images, control_ids, n, seed=seed, input_size=input_size,
-                                        **c2st_args)
-    blurred = blurred_vs_real_control(control_images, control_ids, n, sigma=blur_sigma(samples.shape[-1]),
-                                      seed=seed, input_size=input_size, **c2st_args)
-    passed = controls_pass(real_vs_real["accuracy"], blurred["accuracy"])
-    return {**c2st, "input_size": int(input_size), "valid": passed,
-            "controls": {"real_vs_real": real_vs_real, "blurred_vs_real": blurred, "images": control_name,
-                         "real_vs_real_range": list(REAL_VS_REAL_RANGE),
-                         "blurred_min_accuracy": BLURRED_MIN_ACCURACY}}
+    if controls is None:
+        n = c2st["n_per_class"]
+        control_name, control_images, control_ids = controls_on
+        real_vs_real = real_vs_real_control(control_images, control_ids, n, seed=seed, input_size=input_size,
+                                            **c2st_args)
+        blurred = blurred_vs_real_control(control_images, control_ids, n, sigma=blur_sigma(samples.shape[-1]),
+                                          seed=seed, input_size=input_size, **c2st_args)
+        controls = {"real_vs_real": real_vs_real, "blurred_vs_real": blurred, "images": control_name,
+                    "real_vs_real_range": list(REAL_VS_REAL_RANGE), "blurred_min_accuracy": BLURRED_MIN_ACCURACY}
+    passed = controls_pass(controls["real_vs_real"]["accuracy"], controls["blurred_vs_real"]["accuracy"])
+    return {**c2st, "input_size": int(input_size), "valid": passed, "controls": controls}
+
+
+def level_sizes(image_size, finest=None):
+    """The input sizes the decomposition judges at: the model's full size and half of it, at
+    least the coarse view (C2ST_COARSE_SIZE); `finest` caps them."""
+    top = min(image_size, finest or image_size)
+    return sorted({top, max(C2ST_COARSE_SIZE, top // 2)}, reverse=True)
+
+
+def by_level(samples, reconstructions, reconstruction_ids, detail_only=None, *, sizes, seed, **c2st_args):
+    """What each prior adds, one C2ST with both controls per input size in `sizes`:
+    - `priors`: samples against VQ-VAE reconstructions of real held-out slices (subjects
+      reconstruction_ids): the same decoder on both sides, so the priors alone are judged;
+    - with a detail prior, `detail_prior`: the real coarse codes of those same slices under fine
+      codes drawn by the detail prior (detail_only), against their reconstructions: what the
+      detail prior adds;
+    - `coarse_prior`: samples against detail_only: what drawing the coarse codes adds.
+    Each is {str(size): judged C2ST}."""
+    reconstructed = ("VQ-VAE reconstructions of held-out slices", reconstructions, reconstruction_ids)
+    with_detail = ("held-out slices' coarse codes under drawn fine codes", detail_only, reconstruction_ids)
+    result = {"priors": {}, "detail_prior": {} if detail_only is not None else None,
+              "coarse_prior": {} if detail_only is not None else None}
+    for size in sizes:
+        priors = judged_c2st(samples, reconstructions, reconstruction_ids, controls_on=reconstructed, input_size=size,
+                             seed=seed, **c2st_args)
+        result["priors"][str(size)] = {**priors, "sides": {"a": "generated", "b": reconstructed[0]}}
+        if detail_only is None:
+            continue
+        detail = judged_c2st(detail_only, reconstructions, reconstruction_ids, controls_on=reconstructed,
+                             input_size=size, seed=seed, sample_ids=reconstruction_ids,
+                             controls=priors["controls"], **c2st_args)
+        result["detail_prior"][str(size)] = {**detail, "sides": {"a": with_detail[0], "b": reconstructed[0]}}
+        coarse = judged_c2st(samples, detail_only, reconstruction_ids, controls_on=with_detail, input_size=size,
+                             seed=seed, **c2st_args)
+        result["coarse_prior"][str(size)] = {**coarse, "sides": {"a": "generated", "b": with_detail[0]}}
+    return result
 
 
 def coarse_view(judged, samples, reference, reference_ids, *, controls_on, seed, **c2st_args):
@@ -125,8 +164,8 @@ def decoder_ceiling(reconstructions, reconstruction_ids, held_out, n, judged, *,
 
 
 def realism_report(samples, train_images, train_recon, train_case_ids, test_images, test_recon, *,
-                   held_out=None, test_case_ids=None, n_folds=5, epochs=20, lr=1e-3, batch_size=32, nn_train=0, seed=0,
-                   device="cpu", input_size=0):
+                   held_out=None, test_case_ids=None, levels=None, n_folds=5, epochs=20, lr=1e-3, batch_size=32,
+                   nn_train=0, seed=0, device="cpu", input_size=0):
     """Every realism figure for `samples` (all image tensors (N, 1, H, W) in [0, 1]).
 
     The headline, `c2st_real`: samples against real held-out slices (held_out = (images,
@@ -135,7 +174,9 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
     `c2st_decoder` is its ceiling: reconstructions in place of samples; `c2st_real_64` is the headline
     at the coarse 64 px view, which the finest texture does not reach. Beside them, `c2st` (and `c2st_64`, the coarse
     64 px view) judge samples against VQ-VAE reconstructions of the train split, so the
-    decoder is the same on both sides and only the prior is judged. input_size: the side the
+    decoder is the same on both sides and only the prior is judged. levels = (reconstructions of
+    held-out slices, their subjects, the same slices' coarse codes under drawn fine codes or None)
+    adds `by_level` (see by_level), at the full size and half of it. input_size: the side the
     classifier sees (0 = the images' own). Nearest-neighbour SSIM and the distribution distances
     compare against the real train slices."""
     started = time.time()
@@ -161,6 +202,11 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
     c2st["sides"] = {"a": "generated", "b": reconstructed[0]}
     coarse = coarse_view(c2st, samples, train_recon, train_case_ids, controls_on=reconstructed, seed=seed,
                          **c2st_args)
+    decomposed = None
+    if levels is not None:
+        held_recon, held_ids, detail_only = levels
+        decomposed = by_level(samples, held_recon, held_ids, detail_only, sizes=level_sizes(samples.shape[-1], size),
+                              seed=seed, **c2st_args)
     c2st_seconds = time.time() - started
 
     references = train_images
@@ -181,6 +227,7 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
         "controls_pass": c2st["valid"],
         "controls": c2st["controls"],
         "c2st_64": coarse,
+        "by_level": decomposed,
         "nn_ssim": nn_ssim,
         "shape": shape_figures({"samples": samples, "test_real": test_images, "test_reconstructions": test_recon}),
         "distances": {"reference": "real train slices",
@@ -193,7 +240,8 @@ def realism_report(samples, train_images, train_recon, train_case_ids, test_imag
     }
 
 
-SIDE_NAMES = {"VQ-VAE reconstructions of test slices": "reconstructions (the decoder's ceiling)"}
+SIDE_NAMES = {"VQ-VAE reconstructions of test slices": "reconstructions (the decoder's ceiling)",
+              "held-out slices' coarse codes under drawn fine codes": "real coarse codes, drawn fine codes"}
 
 
 def _c2st_line(c2st):
@@ -211,6 +259,10 @@ def print_realism(report):
                  report["c2st_64"]):
         if c2st is not None:
             print(_c2st_line(c2st))
+    for name, what in (("priors", "the priors"), ("detail_prior", "the detail prior"),
+                       ("coarse_prior", "the coarse prior")):
+        for c2st in ((report.get("by_level") or {}).get(name) or {}).values():
+            print(f"what {what} add(s): " + _c2st_line(c2st))
     nn_ssim = report["nn_ssim"]
     print("nearest-neighbour SSIM to train (mean / max): " + " | ".join(
         f"{name} {nn_ssim[name]['mean']:.3f} / {nn_ssim[name]['max']:.3f}"
@@ -238,15 +290,24 @@ def realism_run(out_dir):
     if not metrics.get("realism"):
         raise DataError(f"{metrics_path} has no realism entry; run predict.py --realism --out-dir {out_dir}")
     prior = load_checkpoint(metrics["prior"], "pixelcnn")
-    coarse = metrics["realism"].get("c2st_64")
+    realism = metrics["realism"]
+    coarse, headline = realism.get("c2st_real_64"), realism.get("c2st_real")
+    priors = (realism.get("by_level") or {}).get("priors") or {}
+    priors_full = priors[max(priors, key=int)] if priors else None
     return {"run": Path(out_dir).name, "data": metrics["data_root"],
             "prior_minutes": prior["run"]["history"][-1]["seconds"] / 60, "steps": prior["run"]["step"],
             "hidden": prior["model_config"]["hidden"], "batch_size": prior["train_config"]["batch_size"],
             "lr": prior["train_config"]["lr"], "dropout": prior["model_config"]["dropout"],
             "lr_hold": prior["train_config"].get("lr_hold", 0.0),  # checkpoints before --lr-hold decayed at once
-            "val_nll_bits": prior["run"]["best"], "c2st": metrics["realism"]["c2st"]["accuracy"],
-            "c2st_size": metrics["realism"]["c2st"].get("input_size", C2ST_COARSE_SIZE),
-            "c2st_64": coarse["accuracy"] if coarse else None, "valid": metrics["realism"]["c2st_valid"]}
+            "val_nll_bits": prior["run"]["best"],
+            # the headline: samples against real held-out slices (runs before it: none)
+            "c2st_real": headline["accuracy"] if headline else None,
+            "c2st_real_valid": headline["valid"] if headline else None,
+            "c2st_64": coarse["accuracy"] if coarse else None,
+            # the priors alone: samples against reconstructions (of held-out slices where measured)
+            "c2st": priors_full["accuracy"] if priors_full else realism["c2st"]["accuracy"],
+            "c2st_size": (priors_full or realism["c2st"]).get("input_size", C2ST_COARSE_SIZE),
+            "valid": priors_full["valid"] if priors_full else realism["c2st_valid"]}
 
 
 def plot_realism_vs_minutes(rows, path):
@@ -265,17 +326,20 @@ def plot_realism_vs_minutes(rows, path):
         mine = sorted((row for row in rows if recipe(row) == (data, lr, dropout, hold)),
                       key=lambda row: row["prior_minutes"])
         name = f"{Path(data).name}, lr {lr:g}, dropout {dropout:g}, hold {hold:g}"
-        line, = ax.plot([r["prior_minutes"] for r in mine], [r["c2st"] for r in mine], "o-",
-                        label=f"{name}, at the image size")
+        headline = [r for r in mine if r["c2st_real"] is not None]
+        line, = ax.plot([r["prior_minutes"] for r in headline], [r["c2st_real"] for r in headline], "D-",
+                        label=f"{name}: against real held-out slices, at the image size")
+        ax.plot([r["prior_minutes"] for r in mine], [r["c2st"] for r in mine], "o:", color=line.get_color(),
+                label=f"{name}: against reconstructions (the priors alone), at the image size")
         coarse = [r for r in mine if r["c2st_64"] is not None]
         ax.plot([r["prior_minutes"] for r in coarse], [r["c2st_64"] for r in coarse], "s--", color=line.get_color(),
-                alpha=0.6, label=f"{name}, at 64 px")
+                alpha=0.6, label=f"{name}: against real held-out slices, at 64 px")
         for r in mine:
             ax.annotate(r["run"], (r["prior_minutes"], r["c2st"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.axhline(0.5, color="gray", lw=0.8, ls=":")
     ax.set(xlabel="prior training minutes", ylabel="C2ST accuracy (0.5 = indistinguishable)", ylim=(0.45, 1.02),
-           title="samples against reconstructed real slices")
+           title="samples against real held-out slices, and against reconstructions")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot: it never hides a point
     fig.tight_layout()
@@ -285,14 +349,15 @@ def plot_realism_vs_minutes(rows, path):
 
 def realism_table(rows):
     lines = ["| run | data | prior (channels, batch, peak lr, dropout, lr hold) | steps | minutes | "
-             "validation NLL (bits/code) | C2ST at the image size | C2ST at 64 px | controls |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "validation NLL (bits/code) | C2ST vs real held-out | C2ST vs reconstructions | at 64 px | controls |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(rows, key=lambda r: (r["data"], r["prior_minutes"])):
         coarse = f"{r['c2st_64']:.3f}" if r["c2st_64"] is not None else "-"
+        headline = f"{r['c2st_real']:.3f}" if r["c2st_real"] is not None else "-"
         recipe = f"{r['hidden']}, {r['batch_size']}, {r['lr']:g}, {r['dropout']:g}, {r['lr_hold']:g}"
         lines.append(f"| {r['run']} | {r['data']} | {recipe} | {r['steps']} | "
-                     f"{r['prior_minutes']:.1f} | {r['val_nll_bits']:.3f} | {r['c2st']:.3f} ({r['c2st_size']} px) | "
-                     f"{coarse} | {'valid' if r['valid'] else 'NOT VALID'} |")
+                     f"{r['prior_minutes']:.1f} | {r['val_nll_bits']:.3f} | {headline} | "
+                     f"{r['c2st']:.3f} ({r['c2st_size']} px) | {coarse} | {'valid' if r['valid'] else 'NOT VALID'} |")
     return "\n".join(lines)
 
 

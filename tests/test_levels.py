@@ -4,6 +4,7 @@ anomaly.py."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,11 +13,12 @@ import maps
 import pixelcnn
 import predict
 import train
+from c2st import random_subset
 from checkpoint import TrainedModels, load_prior, load_trained_pair, load_vqvae
 from codes import decode_all, encode_all_levels
 from errors import CheckpointError, FlagError
 from modules import PixelCNNConfig, Priors, VQVAE, VQVAEConfig, build_prior
-from prior import heal_codes, sample_codes, sample_levels
+from prior import heal_codes, sample_codes, sample_fine, sample_levels
 
 
 def detail_prior(num_codes=10, context_codes=7, grid_size=8, n_layers=2):
@@ -115,6 +117,55 @@ def test_sample_levels_hands_the_coarse_grid_to_the_detail_prior():
     levels = sample_levels(coarse_prior, detail_prior(), 2, (4, 4), generator=torch.Generator().manual_seed(1))
     assert [tuple(c.shape) for c in levels] == [(2, 4, 4), (2, 8, 8)]
     assert len(sample_levels(coarse_prior, None, 2, (4, 4))) == 1
+
+
+def greedy_fine_codes(detail, coarse, fine):
+    """Whether every fine code is the detail prior's most likely one given the codes before it."""
+    return torch.equal(detail(fine, coarse).argmax(dim=1), fine)
+
+
+def test_each_level_samples_with_its_own_temperature_and_top_p():
+    coarse_prior = build_prior(PixelCNNConfig(num_codes=7, hidden=8, n_layers=2, kernel=3, n_conditions=0,
+                                              grid_size=4)).eval()
+    detail = detail_prior()
+    greedy = {"temperature": 1.0, "top_p": 1e-6}
+    levels = sample_levels(coarse_prior, detail, 16, (4, 4), generator=torch.Generator().manual_seed(1),
+                           detail_sampling=greedy)
+    assert greedy_fine_codes(detail, *levels)  # the detail prior drew its likeliest codes...
+    assert not torch.equal(coarse_prior(levels[0]).argmax(dim=1), levels[0])  # ...the prior drew at random
+    levels = sample_levels(coarse_prior, detail, 16, (4, 4), generator=torch.Generator().manual_seed(1), **greedy)
+    assert greedy_fine_codes(detail, *levels) and torch.equal(coarse_prior(levels[0]).argmax(dim=1), levels[0])
+    levels = sample_levels(coarse_prior, detail, 16, (4, 4), generator=torch.Generator().manual_seed(1),
+                           detail_sampling={"temperature": 1.0, "top_p": 1.0}, **greedy)
+    assert not greedy_fine_codes(detail, *levels)
+
+
+def test_fine_codes_are_drawn_under_the_coarse_codes_they_are_given():
+    detail = detail_prior()
+    coarse = torch.randint(0, 7, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    fine = sample_fine(detail, coarse, generator=torch.Generator().manual_seed(2), top_p=1e-6)
+    assert fine.shape == (3, 8, 8) and greedy_fine_codes(detail, coarse, fine)
+    other = sample_fine(detail, (coarse + 1) % 7, generator=torch.Generator().manual_seed(2), top_p=1e-6)
+    assert not torch.equal(fine, other)
+
+
+def test_realism_hands_the_held_out_slices_own_coarse_codes_to_the_detail_prior(two_levels, tiny_demo,
+                                                                               monkeypatch):
+    vqvae, _ = load_vqvae(two_levels / "checkpoints" / "vqvae_best.pt", "cpu")
+    detail, _ = load_prior(two_levels / "checkpoints" / "pixelcnn_detail_best.pt", "cpu")
+    images_u8 = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
+    case_ids = torch.arange(6).numpy() // 2
+    handed = []
+    sample = predict.sample_fine
+    monkeypatch.setattr(predict, "sample_fine", lambda d, coarse, **kw: handed.append(coarse) or sample(d, coarse, **kw))
+    reconstructions, ids, detail_only = predict.held_out_levels(vqvae, detail, images_u8, case_ids, 4,
+                                                                {"temperature": 1.0, "top_p": 1.0}, 0, "cpu")
+    pick = torch.from_numpy(random_subset(6, 4, np.random.default_rng(0)))
+    coarse, fine = encode_all_levels(vqvae, images_u8[pick])
+    assert torch.equal(handed[0], coarse) and list(ids) == list(case_ids[pick.numpy()])
+    torch.testing.assert_close(reconstructions, decode_all(vqvae, [coarse, fine]))
+    assert detail_only.shape == reconstructions.shape
+    assert predict.held_out_levels(vqvae, None, images_u8, case_ids, 4, {}, 0, "cpu")[2] is None
 
 
 def test_coarse_only_without_a_coarse_level_is_refused_in_one_line(tiny_demo, tiny_flags, tmp_path, monkeypatch,

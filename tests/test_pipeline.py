@@ -177,8 +177,12 @@ def test_dtype_auto_picks_bf16_only_where_the_device_has_fast_kernels_and_says_s
     assert hardware.resolve_dtype("float32", torch.device(device), said.append) == "float32" and len(said) == 1
 
 
-@pytest.mark.parametrize("flags", [{"top_p": 0.0}, {"top_p": 1.5}, {"temperature": 0.0}])
-def test_sampling_settings_refuse_a_top_p_outside_0_1_or_a_temperature_of_zero(flags):
-    with pytest.raises(FlagError, match="--top-p"):
+@pytest.mark.parametrize("flags, named", [({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
+                                          ({"temperature": 0.0}, "--temperature"),
+                                          ({"detail_top_p": 0.0}, "--detail-top-p"),
+                                          ({"detail_temperature": -1.0}, "--detail-temperature")])
+def test_sampling_settings_refuse_a_top_p_outside_0_1_or_a_temperature_of_zero(flags, named):
+    with pytest.raises(FlagError, match=named):
         predict.sampling_settings(predict.PredictConfig(**flags))
-    assert predict.sampling_settings(predict.PredictConfig(top_p=0.9)) == {"temperature": 1.0, "top_p": 0.9}
+    assert predict.sampling_settings(predict.PredictConfig(top_p=0.9, detail_temperature=0.8)) == {
+        "temperature": 1.0, "top_p": 0.9, "detail_sampling": {"temperature": 0.8, "top_p": 1.0}}

@@ -317,8 +317,10 @@ def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(
     assert set(report["shape"]) >= {"samples", "test_real", "test_reconstructions"}
 
 
-def write_realism_run(out_dir, prior_path, data, accuracy, seconds, hidden):
-    """A predict.py --realism output folder and the prior checkpoint it names."""
+def write_realism_run(out_dir, prior_path, data, accuracy, seconds, hidden, by_level=True):
+    """A predict.py --realism output folder and the prior checkpoint it names: its headline against
+    real slices at `accuracy`, at 64 px 0.1 below, against reconstructions 0.05 below (by_level=False:
+    a run from before the headline and the decomposition, against reconstructed train slices)."""
     model_cfg = PixelCNNConfig(num_codes=8, hidden=hidden, n_layers=2, kernel=3, grid_size=4)
     model = build_prior(model_cfg)
     optimizer = torch.optim.Adam(model.parameters())
@@ -326,23 +328,33 @@ def write_realism_run(out_dir, prior_path, data, accuracy, seconds, hidden):
     save_checkpoint(prior_path, checkpoint_payload("pixelcnn", model, model_cfg, pixelcnn.PriorTrainConfig(),
                                                    optimizer, WarmupCosine(optimizer, 2, 40), state))
     verdict = {"accuracy": accuracy, "input_size": 128, "valid": True}
+    against_train = {**verdict, "accuracy": accuracy - 0.2}
+    report = {"c2st": against_train, "c2st_64": {**against_train, "input_size": 64}, "c2st_valid": True}
+    if by_level:
+        report.update({"c2st_real": verdict, "c2st_real_64": {**verdict, "accuracy": accuracy - 0.1, "input_size": 64},
+                       "by_level": {"priors": {"128": {**verdict, "accuracy": accuracy - 0.05},
+                                               "64": {**verdict, "accuracy": 0.5, "input_size": 64}},
+                                    "detail_prior": None, "coarse_prior": None}})
     out_dir.mkdir(parents=True)
-    (out_dir / "metrics.json").write_text(json.dumps({
-        "data_root": data, "prior": str(prior_path),
-        "realism": {"c2st": verdict, "c2st_64": {**verdict, "accuracy": accuracy - 0.1}, "c2st_valid": True}}))
+    (out_dir / "metrics.json").write_text(json.dumps({"data_root": data, "prior": str(prior_path), "realism": report}))
 
 
-def test_realism_against_minutes_reads_each_runs_prior_and_plots_them(tmp_path, capsys):
+def test_realism_against_minutes_reads_each_runs_prior_and_plots_the_headline_beside_the_priors(tmp_path, capsys):
     write_realism_run(tmp_path / "short", tmp_path / "short.pt", "demo", 0.99, 300.0, 8)
     write_realism_run(tmp_path / "long", tmp_path / "long.pt", "demo", 0.80, 1800.0, 16)
+    write_realism_run(tmp_path / "older", tmp_path / "older.pt", "demo", 0.90, 600.0, 8, by_level=False)
     figure = tmp_path / "figure.png"
-    realism.main([str(tmp_path / "short"), str(tmp_path / "long"), "--figure", str(figure)])
-    rows = [realism.realism_run(tmp_path / name) for name in ("short", "long")]
-    assert [(r["prior_minutes"], r["hidden"], r["c2st"], r["c2st_64"]) for r in rows] == \
-        [(5.0, 8, 0.99, pytest.approx(0.89)), (30.0, 16, 0.80, pytest.approx(0.70))]
+    realism.main([str(tmp_path / name) for name in ("short", "long", "older")] + ["--figure", str(figure)])
+    rows = [realism.realism_run(tmp_path / name) for name in ("short", "long", "older")]
+    # the headline against real slices, the priors against reconstructions at the full size, the headline at 64 px
+    assert [(r["prior_minutes"], r["hidden"], r["c2st_real"], r["c2st"], r["c2st_64"]) for r in rows] == [
+        (5.0, 8, 0.99, pytest.approx(0.94), pytest.approx(0.89)),
+        (30.0, 16, 0.80, pytest.approx(0.75), pytest.approx(0.70)),
+        (10.0, 8, None, pytest.approx(0.70), None)]  # a run from before: against reconstructed train slices
     assert figure.is_file()
     table = capsys.readouterr().out
-    assert table.index("| short |") < table.index("| long |") and "0.800 (128 px)" in table
+    assert table.index("| short |") < table.index("| older |") < table.index("| long |")
+    assert "| 0.800 | 0.750 (128 px) | 0.700 |" in table
     assert "| 8, 16, 0.008, 0, 0.8 |" in table  # channels, batch, peak lr, dropout, lr hold
 
 
@@ -371,3 +383,39 @@ def test_the_decoders_ceiling_judges_reconstructions_of_test_slices_against_the_
     rows = [int(np.flatnonzero([torch.equal(r, x) for x in recon])[0]) for r in a]  # each a reconstruction
     assert list(groups_a) == list(recon_ids[rows])  # with its own subject
     assert ceiling["valid"] and ceiling["controls"] is judged["controls"] and ceiling["accuracy"] == 1.0
+
+
+def test_the_decomposition_by_level_judges_each_prior_against_the_level_below_with_its_controls(monkeypatch):
+    calls, controls = [], []
+
+    def spy(a, b, groups_a, groups_b, *, input_size, **kwargs):
+        calls.append((a, b, groups_a, groups_b, input_size))
+        return {"accuracy": 0.7, "fold_accuracies": [0.7], "n_per_class": min(len(a), len(b))}
+
+    def control(kind):
+        def run(images, case_ids, n, *, input_size, **kwargs):
+            controls.append((kind, images, input_size))
+            return {"accuracy": 0.5 if kind == "real" else 1.0}
+        return run
+    monkeypatch.setattr(realism, "classifier_two_sample_test", spy)
+    monkeypatch.setattr(realism, "real_vs_real_control", control("real"))
+    monkeypatch.setattr(realism, "blurred_vs_real_control", control("blurred"))
+    samples, recon, detail_only = (torch.rand(8, 1, 256, 256) for _ in range(3))
+    ids = np.arange(8) // 2
+    result = realism.by_level(samples, recon, ids, detail_only, sizes=realism.level_sizes(256), seed=0)
+    assert realism.level_sizes(256) == [256, 128] and realism.level_sizes(256, 64) == [64]
+    assert realism.level_sizes(128) == [128, 64] and realism.level_sizes(64) == [64]
+    compared = [(a is samples, a is detail_only, b is recon, b is detail_only, groups_a is ids, size)
+                for a, b, groups_a, groups_b, size in calls]
+    for size in (256, 128):
+        assert (True, False, True, False, False, size) in compared  # the priors: samples vs reconstructions
+        assert (False, True, True, False, True, size) in compared   # the detail prior: real coarse codes, same subjects
+        assert (True, False, False, True, False, size) in compared  # the coarse prior: samples vs the detail prior's
+    # both controls on the reconstructions (shared by the first two tests) and on detail_only, at each size
+    assert sorted((kind, images is recon, size) for kind, images, size in controls) == sorted(
+        (kind, on_recon, size) for kind in ("blurred", "real") for on_recon in (True, False) for size in (256, 128))
+    assert set(result) == {"priors", "detail_prior", "coarse_prior"} and set(result["priors"]) == {"256", "128"}
+    assert all(test["valid"] for level in result.values() for test in level.values())
+    assert result["detail_prior"]["256"]["sides"]["b"] == "VQ-VAE reconstructions of held-out slices"
+    one_level = realism.by_level(samples, recon, ids, None, sizes=[128], seed=0)
+    assert one_level["detail_prior"] is None and one_level["coarse_prior"] is None and set(one_level["priors"]) == {"128"}
