@@ -106,6 +106,25 @@ class Adversary:
     heard_from: int
     ramp_steps: int = 0
     freezes_codes: bool = True
+    shares: tuple = (0.0, 0.0, 0.0)  # --adversarial-from, -warmup and -ramp: what the steps are shares of
+
+    def state_dict(self):
+        """The schedule's steps, which a time budget moves: a checkpoint keeps them, so a resumed
+        run follows the same schedule."""
+        return {"steps": torch.tensor([self.trains_from, self.heard_from, self.ramp_steps])}
+
+    def load_state_dict(self, state):
+        self.trains_from, self.heard_from, self.ramp_steps = (int(s) for s in state["steps"])
+
+    def end_at(self, total_steps, step):
+        """The run now ends at total_steps (a time budget's estimate): the schedule's points are
+        its shares of that run. A point already reached stays where it was."""
+        start, warmup, ramp = self.shares
+        if not self.trains(step):
+            self.trains_from = max(step + 1, int(start * total_steps))
+        if not self.decoder_hears(step):
+            self.heard_from = max(step + 1, self.trains_from + int(warmup * total_steps))
+            self.ramp_steps = int(ramp * total_steps)
 
     def trains(self, step):
         return step >= self.trains_from
@@ -142,7 +161,8 @@ def build_adversary(cfg, in_channels, device, ranks, total_steps):
     return Adversary(net, wrap_for_ranks(net, ranks, device),
                      make_adam(net.parameters(), cfg.adversarial_lr, device, betas=GAN_BETAS),
                      trains_from, trains_from + int(cfg.adversarial_warmup * total_steps),
-                     int(cfg.adversarial_ramp * total_steps), cfg.adversarial_freeze_codes)
+                     int(cfg.adversarial_ramp * total_steps), cfg.adversarial_freeze_codes,
+                     (cfg.adversarial_from, cfg.adversarial_warmup, cfg.adversarial_ramp))
 
 
 def freeze_codes(model):

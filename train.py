@@ -34,15 +34,20 @@ from hardware import Ranks, pick_device, use_fast_math, wrap_for_ranks
 from metrics import codebook_usage, edge_sums, ssim_per_image
 from modules import VQVAE, VQVAEConfig
 from slices import FOREGROUND_THRESHOLD, cases_in_several_splits
-from training import (EpochLosses, StopFlag, epoch_bar, epoch_order, loss_line, make_adam, make_scheduler, my_batch,
-                      save_when_due_or_stopping, steps_per_epoch, training_run)
+from training import (EpochLosses, StopFlag, TimeBudget, apply_time_budget, epoch_bar, epoch_order, loss_line, make_adam,
+                      make_scheduler, move_milestones, my_batch, save_when_due_or_stopping, steps_per_epoch,
+                      training_run)
 
 
 @dataclass
 class TrainConfig:
     data: str = opt("demo", "OASIS root holding keras_png_slices_{train,validate,test}, or 'demo'")
     image_size: int = opt(128, "train and evaluate at this size (OASIS slices are 256x256)", minimum=1)
-    epochs: int = opt(18, "passes over the training split", minimum=1)
+    epochs: int = opt(18, "passes over the training split (at most; see --minutes)", minimum=1)
+    minutes: float = opt(0.0, "time budget of the training loop: timing its steps, the run is cut to the steps that "
+                              "fit, and the learning-rate milestones and the discriminator's schedule move with its "
+                              "end; a resumed run gets the budget afresh; 0 = no budget: all --epochs, the same "
+                              "steps on every machine", minimum=0.0)
     batch_size: int = opt(8, "images per step", minimum=1)
     lr: float = opt(1e-3, "Adam learning rate")
     milestones: list = opt((0.6, 0.85), "MultiStepLR milestones as fractions of all steps")
@@ -240,6 +245,14 @@ def train_step(model, forward, optimizer, scheduler, x, cfg: TrainConfig, advers
     return torch.stack([v.detach() for v in losses]), stats["counts"].long()
 
 
+def end_schedules_at(total_steps, step, scheduler, adversary, cfg: TrainConfig):
+    """A time budget ends the run at total_steps: the learning-rate milestones and the
+    discriminator's schedule, shares of the run, move with its end."""
+    move_milestones(scheduler, cfg.milestones, total_steps, step)
+    if adversary is not None:
+        adversary.end_at(total_steps, step)
+
+
 def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
     """Train and return the run's history (one dict per epoch).
 
@@ -265,6 +278,8 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                                                                          len(train_u8))
         adversary_states = {} if adversary is None else {"discriminator": adversary.net,
                                                          "discriminator_optimizer": adversary.optimizer}
+        if adversary is not None and cfg.minutes:  # a budget moves its schedule
+            adversary_states["adversary_schedule"] = adversary
         state = RunState(best=-1.0)
         if cfg.resume:
             state = run.resume(model, model_cfg, optimizer, scheduler, extra_states=adversary_states)
@@ -281,13 +296,18 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
         n_steps = steps_per_epoch(len(train_u8), cfg.batch_size, ranks)
         # codes used since the last log, of every level's codebook (coarse first)
         counts = torch.zeros(model_cfg.levels * model_cfg.num_codes, dtype=torch.long, device=device)
+        budget = TimeBudget(cfg.minutes) if cfg.minutes > 0 else None
         started = time.time()
         with stop or StopFlag() as stop:
             for epoch in range(state.epoch, cfg.epochs):
+                if state.finished():
+                    break
                 order = epoch_order(len(train_u8), cfg.seed, epoch).to(device)
                 losses = EpochLosses(state.step, device)
                 bar, write = epoch_bar(state.step_in_epoch, n_steps, epoch, cfg.epochs, run.progress, say)
                 for i in bar:
+                    if state.finished():
+                        break
                     x = to_unit(train_u8[my_batch(order, i, cfg.batch_size, ranks)])
                     judging = adversary if adversary is not None and adversary.trains(state.step) else None
                     share = judging.decoder_share(state.step) if judging is not None else 0.0
@@ -298,6 +318,10 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, progress=True, stop=None):
                                                           heard_share=share)
                     counts += step_counts
                     state.step, state.step_in_epoch = state.step + 1, i + 1
+                    if budget is not None:
+                        total = apply_time_budget(budget, state, cfg.epochs * n_steps, device, ranks, write)
+                        if total is not None:
+                            end_schedules_at(total, state.step, scheduler, adversary, cfg)
                     losses.add(step_losses)
                     at_log_point = state.step % cfg.log_every == 0
                     if at_log_point:

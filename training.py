@@ -8,6 +8,7 @@ per step), `apply_time_budget` (a --minutes budget turned into a step count),
 `save_when_due_or_stopping` (the resumable checkpoint, and a stop that processes agree on), and
 `StopFlag` (SIGINT/SIGTERM as a request to stop).
 """
+import collections
 import contextlib
 import dataclasses
 import math
@@ -98,10 +99,23 @@ def my_batch(order, i, batch_size, ranks):
 
 # ----------------------------------------------------------------------------- schedules
 
+def milestone_steps(milestones, total_steps):
+    """Fractions of a run of total_steps -> the steps they fall on."""
+    return sorted({max(1, int(f * total_steps)) for f in milestones})
+
+
 def make_scheduler(optimizer, milestones, gamma, total_steps):
     """MultiStepLR stepped once per step, milestones given as fractions of the run."""
-    steps = sorted({max(1, int(f * total_steps)) for f in milestones})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=gamma)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_steps(milestones, total_steps), gamma=gamma)
+
+
+def move_milestones(scheduler, milestones, total_steps, step):
+    """A MultiStepLR's milestones for a run that now ends at total_steps. Those already passed
+    stay where they were; the others move, to the next step at the earliest (the milestones are
+    part of the state_dict, so a resumed run decays the same way)."""
+    passed = [m for m in scheduler.milestones.elements() if m <= step]
+    ahead = [max(step + 1, m) for m in milestone_steps(milestones, total_steps)[len(passed):]]
+    scheduler.milestones = collections.Counter(passed + ahead)
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):

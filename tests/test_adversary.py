@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train
+import training
 from adversary import (PatchDiscriminator, adaptive_weight, codes_frozen, discriminator_hinge_loss, freeze_codes,
                        generator_loss, judge)
 from checkpoint import load_checkpoint
@@ -208,3 +209,50 @@ def test_discriminator_settings_that_would_do_nothing_are_refused_in_one_line(tm
     error = capsys.readouterr().err.strip()
     assert error.startswith(message) and "\n" not in error
     assert not (tmp_path / "checkpoints").exists()
+
+
+class TickingClock:
+    """Stands in for time.monotonic: every reading is one second after the last."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_a_time_budget_ends_the_vqvae_run_early_and_moves_the_lr_milestones_and_the_discriminator_with_it(
+        tmp_path, tiny_demo, tiny_flags, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(training.TimeBudget, "clock", staticmethod(TickingClock()))
+    # 8 training slices, batch 2: 4 steps an epoch, 80 planned; the budget of 60 ticking seconds fits fewer
+    cfg, model_cfg = parse_configs("", [train.TrainConfig, VQVAEConfig],
+                                   ["--data", str(tiny_demo), "--checkpoint-dir", "ck", "--progress-dir", "p",
+                                    *tiny_flags.vqvae_batch_2, "--epochs", "20", "--minutes", "1",
+                                    "--adversarial", "1", "--adversarial-from", "0.5", "--adversarial-warmup", "0.1"],
+                                   presets=train.PRESETS)
+    history = train.train(cfg, model_cfg, progress=False)
+    last = load_checkpoint("ck/vqvae_last.pt", "vqvae")
+    total = last["run"]["total_steps"]
+    assert 23 < total < 80 and last["run"]["step"] == total == history[-1]["step"]
+    # the schedule is the shares of the run that fits, not of the 20 epochs planned (each point as the
+    # estimate of the run's end stood when it was reached: within a few steps of its share of the end)
+    milestones = sorted(last["scheduler"]["milestones"])
+    assert milestones != training.milestone_steps(cfg.milestones, 80)
+    assert all(abs(m - int(f * total)) <= 3 for m, f in zip(milestones, cfg.milestones))
+    trains_from, heard_from, ramp = last["adversary_schedule"]["steps"].tolist()
+    assert abs(trains_from - 0.5 * total) <= 3 and abs(heard_from - trains_from - 0.1 * total) <= 3 < total - heard_from
+    assert ramp == int(0.06 * total)
+    assert history[-1]["adversarial"] and not history[0]["adversarial"]
+    assert history[-1]["lr"] == pytest.approx(cfg.lr * cfg.lr_gamma ** 2)
+
+
+def test_moving_milestones_keeps_those_passed_and_moves_the_rest_no_earlier_than_the_next_step():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = training.make_scheduler(optimizer, (0.2, 0.6), 0.5, 100)
+    assert sorted(scheduler.milestones) == [20, 60]
+    training.move_milestones(scheduler, (0.2, 0.6), 50, step=25)
+    assert sorted(scheduler.milestones) == [20, 30]
+    training.move_milestones(scheduler, (0.2, 0.6), 30, step=25)
+    assert sorted(scheduler.milestones) == [20, 26]
