@@ -162,6 +162,30 @@ def resolve_data_root(data: str, demo_dir=DEFAULT_DEMO_DIR, seed: int = 0) -> Pa
 # --------------------------------------------------------------------------- command line
 
 
+def format_split_stats(split: str, slices: SliceSet) -> str:
+    stats = {**slice_statistics(slices.images), **fine_scale_noise(slices.images, progress=True),
+             "outline_roughness": outline_roughness(slices.images)}
+    parts = [f"{split:9s} {len(np.unique(slices.case_ids)):4d} cases {len(slices):6d} slices"]
+    for label, key, fmt in (
+        ("foreground", "foreground", ".3f"),
+        ("mean", "mean", ".3f"),
+        ("bbox h", "bbox_height", ".0f"),
+        ("bbox w", "bbox_width", ".0f"),
+        ("halo noise sd", "halo_noise_sd", ".4f"),
+        ("corr", "halo_noise_corr", ".2f"),
+        ("white matter sd", "white_matter_sd", ".4f"),
+        ("corr", "white_matter_corr", ".2f"),
+        ("outline roughness", "outline_roughness", ".2f"),
+    ):
+        values = stats[key][np.isfinite(stats[key])]
+        if values.size:
+            parts.append(f"{label} {values.mean():{fmt}} [{values.min():{fmt}}, {values.max():{fmt}}]")
+    rim = scalp_and_skull_depth(head_rim_profile(slices.images))
+    if rim:
+        parts.append(f"scalp peak {rim[0]} px, skull {rim[1]} px in from the head's edge")
+    return " | ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description="OASIS slice loading, statistics and the synthetic demo set.")
     action = parser.add_mutually_exclusive_group(required=True)
@@ -202,29 +226,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def format_split_stats(split: str, slices: SliceSet) -> str:
-    stats = {**slice_statistics(slices.images), **fine_scale_noise(slices.images, progress=True),
-             "outline_roughness": outline_roughness(slices.images)}
-    parts = [f"{split:9s} {len(np.unique(slices.case_ids)):4d} cases {len(slices):6d} slices"]
-    for label, key, fmt in (
-        ("foreground", "foreground", ".3f"),
-        ("mean", "mean", ".3f"),
-        ("bbox h", "bbox_height", ".0f"),
-        ("bbox w", "bbox_width", ".0f"),
-        ("halo noise sd", "halo_noise_sd", ".4f"),
-        ("corr", "halo_noise_corr", ".2f"),
-        ("white matter sd", "white_matter_sd", ".4f"),
-        ("corr", "white_matter_corr", ".2f"),
-        ("outline roughness", "outline_roughness", ".2f"),
-    ):
-        values = stats[key][np.isfinite(stats[key])]
-        if values.size:
-            parts.append(f"{label} {values.mean():{fmt}} [{values.min():{fmt}}, {values.max():{fmt}}]")
-    rim = scalp_and_skull_depth(head_rim_profile(slices.images))
-    if rim:
-        parts.append(f"scalp peak {rim[0]} px, skull {rim[1]} px in from the head's edge")
-    return " | ".join(parts)
-
-

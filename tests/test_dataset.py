@@ -4,6 +4,9 @@ Every test builds its own small tree in tmp_path in the OASIS layout; none needs
 real data.
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from errors import DataError
 from slices import SPLITS, SliceSet, cases_in_several_splits, list_split_files, parse_slice_name, read_slice, split_dir
 
 SIDE = 256
+PROJECT = Path(dataset.__file__).resolve().parent
 
 
 def slice_name(case_id, number):
@@ -363,6 +367,15 @@ def test_cli_stats_prints_every_split(tree, capsys):
     for split in SPLITS:
         assert f"{split}" in out
     assert "2 cases" in out and "6 slices" in out and "foreground" in out
+
+
+def test_stats_run_as_a_script_prints_every_split(tree):
+    # as a script, only what is defined above the `if __name__ == "__main__"` guard exists
+    root, _ = tree
+    done = subprocess.run([sys.executable, str(PROJECT / "dataset.py"), "--data", str(root), "--stats", "--no-cache"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(split in done.stdout for split in SPLITS) and "2 cases" in done.stdout
 
 
 def test_cli_error_is_one_line_with_exit_code_2(tmp_path, capsys):
