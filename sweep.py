@@ -1,4 +1,4 @@
-"""Train several flag sets of train.py, rank them by validation SSIM, write a table.
+"""Train several flag sets of train.py; rank the weights each run kept by validation SSIM in a table.
 
     python sweep.py --common "--data ../shared/oasis --epochs 8" --runs "" "--recon-loss mse" "--no-ema"
     python sweep.py --common "--epochs 8" --file runs.txt   # one flag set per line, '#' comments, '-' = defaults
@@ -7,7 +7,9 @@ Each run trains in-process with its own flags after the common ones (so its own 
 checkpoints/sweep/<name>/ with its progress grids in out/sweep/<name>/progress/; <name> is a
 slug of its flags (recon-loss-mse, no-ema, default). Runs finished with the same settings are
 reused and interrupted ones resumed, so running the same command again loses nothing.
-Writes out/sweep/results.md and results.json ranked by best validation SSIM and prints the
+Writes out/sweep/results.md and results.json ranked by the validation SSIM of the epoch each
+run's vqvae_best.pt holds (its history record of that epoch): the best epoch by validation SSIM,
+or with --adversarial the last epoch, whatever SSIM the earlier epochs reached. Prints the
 predict.py command that scores the winner on the test split once; the sweep never reads it.
 
 The one script that imports another: the sweep drives train.py's own parse_args and train()
@@ -129,16 +131,26 @@ def train_seconds(history):
     return total
 
 
+def kept_record(checkpoint):
+    """The history record of the epoch whose weights vqvae_best.pt holds: train.py saves it right
+    after that epoch, so its run state ends there."""
+    run = load_checkpoint(checkpoint, "vqvae", made_by="python train.py")["run"]
+    return next(record for record in run["history"] if record["epoch"] == run["epoch"])
+
+
 def rank_runs(results):
-    """Rows sorted by each run's best validation SSIM (the epoch vqvae_best.pt holds), best first."""
+    """Rows sorted by the validation SSIM of the weights each run kept (result["kept"], the record
+    of the epoch vqvae_best.pt holds), best first; not by the best epoch of its history, which
+    with --adversarial is not the one kept."""
     rows = []
     for result in results:
-        best = max(result["history"], key=lambda record: record["val_ssim"])
-        rows.append({"name": result["name"], "flags": result["flags"], "best_val_ssim": best["val_ssim"],
-                     "best_epoch": best["epoch"], "val_perplexity": best["val_perplexity"],
-                     "val_codes_used": best["val_codes_used"], "train_seconds": train_seconds(result["history"]),
-                     "data": result["data"], "checkpoint": result["checkpoint"]})
-    rows.sort(key=lambda row: -row["best_val_ssim"])
+        kept = result["kept"]
+        rows.append({"name": result["name"], "flags": result["flags"], "val_ssim": kept["val_ssim"],
+                     "kept_epoch": kept["epoch"], "epochs": len(result["history"]),
+                     "val_perplexity": kept["val_perplexity"], "val_codes_used": kept["val_codes_used"],
+                     "train_seconds": train_seconds(result["history"]), "data": result["data"],
+                     "checkpoint": result["checkpoint"]})
+    rows.sort(key=lambda row: -row["val_ssim"])
     return [{"rank": i + 1, **row} for i, row in enumerate(rows)]
 
 
@@ -150,12 +162,15 @@ def predict_command(row):
 def write_table(rows, out_dir, common=""):
     """results.md and results.json in out_dir; returns the markdown."""
     lines = [f"Common flags: `{common or '(none)'}`", "",
-             "| rank | run | flags | best val SSIM | epoch | val perplexity | codes used | train s |",
+             "Ranked by the validation SSIM of the weights each run kept (vqvae_best.pt: the best epoch, "
+             "or with --adversarial the last).", "",
+             "| rank | run | flags | val SSIM | epoch kept/trained | val perplexity | codes used | train s |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         flags = f"`{row['flags']}`".replace("|", "\\|") if row["flags"] else "(defaults)"
-        lines.append(f"| {row['rank']} | {row['name']} | {flags} | {row['best_val_ssim']:.4f} | {row['best_epoch']} "
-                     f"| {row['val_perplexity']:.1f} | {row['val_codes_used']} | {row['train_seconds']:.0f} |")
+        lines.append(f"| {row['rank']} | {row['name']} | {flags} | {row['val_ssim']:.4f} "
+                     f"| {row['kept_epoch']}/{row['epochs']} | {row['val_perplexity']:.1f} | {row['val_codes_used']} "
+                     f"| {row['train_seconds']:.0f} |")
     markdown = "\n".join(lines) + "\n"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,13 +196,16 @@ def sweep(runs, common="", out_dir="out/sweep", checkpoint_root="checkpoints/swe
         except NonFiniteLoss as err:  # one diverging setting (a high --lr) must not sink the others
             print(f"{name}: {err}; left out of the ranking", file=sys.stderr)
             continue
+        checkpoint = str(Path(cfg.checkpoint_dir) / "vqvae_best.pt")
         results.append({"name": name, "flags": flags, "history": history, "data": cfg.data,
-                        "checkpoint": str(Path(cfg.checkpoint_dir) / "vqvae_best.pt")})
+                        "checkpoint": checkpoint, "kept": kept_record(checkpoint)})
     if not results:
         die("every run diverged; nothing to rank")
     rows = rank_runs(results)
     print("\n" + write_table(rows, out_dir, common))
-    print(f"winner: {rows[0]['name']} (val SSIM {rows[0]['best_val_ssim']:.4f}); score it on the test split once with:")
+    winner = rows[0]
+    print(f"winner: {winner['name']} (val SSIM {winner['val_ssim']:.4f} of epoch {winner['kept_epoch']}, the "
+          f"weights in {winner['checkpoint']}); score it on the test split once with:")
     print(f"    {predict_command(rows[0])}")
     return rows
 

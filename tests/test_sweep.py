@@ -49,20 +49,31 @@ def finished_sweep(tmp_path_factory, tiny_demo):
     return work, tiny_demo, splits_read
 
 
-def test_ranking_follows_the_best_validation_epoch_not_the_last_nor_any_test_score():
-    results = [
-        {"name": "steady", "flags": "", "history": history(0.50, 0.70, test_ssim=0.99)},  # best last epoch
-        {"name": "peaked", "flags": "--no-ema", "history": history(0.80, 0.60, test_ssim=0.10)},  # best earlier
-        {"name": "weak", "flags": "--lr 1", "history": history(0.65, 0.66, test_ssim=0.95)},
-    ]
-    for result in results:
-        result.update(data="demo", checkpoint=f"checkpoints/sweep/{result['name']}/vqvae_best.pt")
-    rows = sweep.rank_runs(results)
+def results_keeping(*runs):
+    """rank_runs' input: (name, history, epoch whose weights vqvae_best.pt holds) per run."""
+    return [{"name": name, "flags": f"--{name}", "history": records, "kept": records[kept - 1], "data": "demo",
+             "checkpoint": f"checkpoints/sweep/{name}/vqvae_best.pt"} for name, records, kept in runs]
+
+
+def test_ranking_follows_the_kept_validation_epoch_not_the_last_nor_any_test_score():
+    rows = sweep.rank_runs(results_keeping(
+        ("steady", history(0.50, 0.70, test_ssim=0.99), 2),  # best last epoch
+        ("peaked", history(0.80, 0.60, test_ssim=0.10), 1),  # best earlier
+        ("weak", history(0.65, 0.66, test_ssim=0.95), 2)))
     assert [row["name"] for row in rows] == ["peaked", "steady", "weak"]
     assert [row["rank"] for row in rows] == [1, 2, 3]
-    assert (rows[0]["best_val_ssim"], rows[0]["best_epoch"], rows[0]["val_perplexity"],
+    assert (rows[0]["val_ssim"], rows[0]["kept_epoch"], rows[0]["val_perplexity"],
             rows[0]["val_codes_used"]) == (0.80, 1, 4.0, 5)
     assert not any("test" in key for row in rows for key in row)
+
+
+def test_an_adversarial_run_ranks_by_its_kept_last_epoch_not_its_best_earlier_one():
+    # with --adversarial, vqvae_best.pt holds the last epoch, whatever SSIM the earlier ones reached
+    rows = sweep.rank_runs(results_keeping(
+        ("adversarial", history(0.90, 0.55), 2),
+        ("plain", history(0.40, 0.60), 2)))
+    assert [(row["name"], row["val_ssim"], row["kept_epoch"]) for row in rows] == [("plain", 0.60, 2),
+                                                                                 ("adversarial", 0.55, 2)]
 
 
 def test_train_seconds_add_up_across_a_resume():
@@ -96,12 +107,12 @@ def test_sweep_writes_both_runs_ranked_by_validation_ssim(finished_sweep):
     summary = json.loads((work / "out/sweep/results.json").read_text())
     rows = summary["runs"]
     assert sorted(row["name"] for row in rows) == ["default", "recon-loss-mse"]
-    assert [row["best_val_ssim"] for row in rows] == sorted((row["best_val_ssim"] for row in rows), reverse=True)
+    assert [row["val_ssim"] for row in rows] == sorted((row["val_ssim"] for row in rows), reverse=True)
     assert summary["winner"] == rows[0]["name"]
     for row in rows:
         best = torch.load(work / row["checkpoint"], weights_only=True)
         assert best["train_config"]["checkpoint_dir"] == f"checkpoints/sweep/{row['name']}"
-        assert best["run"]["history"][-1]["val_ssim"] == row["best_val_ssim"]
+        assert best["run"]["history"][-1]["val_ssim"] == row["val_ssim"]
         assert (work / "out/sweep" / row["name"] / "progress/epoch_001.png").is_file()
     assert best["train_config"]["image_size"] == 32 and best["train_config"]["data"] == str(data)
     assert summary["predict_command"] == (f"python predict.py --vqvae checkpoints/sweep/{rows[0]['name']}"
@@ -123,6 +134,25 @@ def test_rerunning_a_finished_sweep_reuses_its_runs(finished_sweep, monkeypatch,
     sweep.main(sweep_argv(data))
     assert "finished earlier, reusing" in capsys.readouterr().out
     assert json.loads((work / "out/sweep/results.json").read_text()) == json.loads(before)
+
+
+def test_a_sweep_ranks_the_epoch_each_vqvae_best_holds_not_the_best_of_its_history(finished_sweep, monkeypatch):
+    # as after --adversarial: "default" peaked at epoch 1 (0.99) but kept epoch 2 (0.10)
+    work, data, _ = finished_sweep
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(train, "train", refuse_training)
+    for name, val_ssims, kept in (("default", (0.99, 0.10), 2), ("recon-loss-mse", (0.50,), 1)):
+        (work / "kept" / name).mkdir(parents=True)
+        ckpt = torch.load(work / "checkpoints/sweep" / name / "vqvae_best.pt", weights_only=True)
+        records = [{**ckpt["run"]["history"][-1], "epoch": i + 1, "val_ssim": s} for i, s in enumerate(val_ssims)]
+        ckpt["run"].update(history=records, epoch=len(records), best=val_ssims[-1])
+        torch.save(ckpt, work / "kept" / name / "vqvae_last.pt")
+        ckpt["run"].update(history=records[:kept], epoch=kept, best=val_ssims[kept - 1])
+        torch.save(ckpt, work / "kept" / name / "vqvae_best.pt")
+    sweep.main([*sweep_argv(data, checkpoint_root="kept"), "--out-dir", "out/kept"])
+    rows = json.loads((work / "out/kept/results.json").read_text())["runs"]
+    assert [(row["name"], row["val_ssim"], row["kept_epoch"], row["epochs"]) for row in rows] == [
+        ("recon-loss-mse", 0.50, 1, 1), ("default", 0.10, 2, 2)]
 
 
 def test_an_interrupted_run_resumes_and_a_changed_one_retrains(finished_sweep, monkeypatch, capsys):
