@@ -315,6 +315,17 @@ def test_the_report_has_the_c2st_at_the_image_size_and_the_64_px_view_beside_it(
                                     input_size=64, **TINY_BUDGET)
     assert report["c2st"]["input_size"] == 64 and report["c2st_64"] is None and report["c2st_real_64"] is None
     assert set(report["shape"]) >= {"samples", "test_real", "test_reconstructions"}
+    # by level: the priors, the detail prior and the coarse prior at the full size and half of it
+    levels = (images[:40], case_ids[:40], images[8:48])
+    report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8], levels=levels,
+                                    **TINY_BUDGET)
+    assert {name: sorted(tests) for name, tests in report["by_level"].items()} == {
+        "priors": ["128", "64"], "detail_prior": ["128", "64"], "coarse_prior": ["128", "64"]}
+    # too few held-out subjects for its controls' folds: skipped, and said so
+    few = (images[:12], case_ids[:12], images[12:24])
+    report = realism.realism_report(images[:40], images, images, case_ids, images[:8], images[:8], levels=few,
+                                    **TINY_BUDGET)
+    assert "needs at least 8 held-out subjects" in report["by_level"]["skipped"]
 
 
 def write_realism_run(out_dir, prior_path, data, accuracy, seconds, hidden, by_level=True):
