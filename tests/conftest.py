@@ -10,6 +10,7 @@ from PIL import Image
 
 import pixelcnn
 import train
+import training
 from cli import parse_configs
 from demo import make_demo
 from modules import PixelCNNConfig
@@ -101,3 +102,11 @@ def assert_one_line_naming():
         assert "\n" not in message
         assert str(path) in message
     return check
+
+
+@pytest.fixture()
+def ticking_clock(monkeypatch):
+    """The time budgets (training.TimeBudget) read a clock that moves one second at every reading,
+    so a budget in minutes is a number of readings, the same on every machine."""
+    readings = iter(range(1, 10 ** 9))
+    monkeypatch.setattr(training.TimeBudget, "clock", staticmethod(lambda: float(next(readings))))

@@ -211,21 +211,9 @@ def test_discriminator_settings_that_would_do_nothing_are_refused_in_one_line(tm
     assert not (tmp_path / "checkpoints").exists()
 
 
-class TickingClock:
-    """Stands in for time.monotonic: every reading is one second after the last."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        self.now += 1.0
-        return self.now
-
-
 def test_a_time_budget_ends_the_vqvae_run_early_and_moves_the_lr_milestones_and_the_discriminator_with_it(
-        tmp_path, tiny_demo, tiny_flags, monkeypatch):
+        tmp_path, tiny_demo, tiny_flags, monkeypatch, ticking_clock):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(training.TimeBudget, "clock", staticmethod(TickingClock()))
     # 8 training slices, batch 2: 4 steps an epoch, 80 planned; the budget of 60 ticking seconds fits fewer
     cfg, model_cfg = parse_configs("", [train.TrainConfig, VQVAEConfig],
                                    ["--data", str(tiny_demo), "--checkpoint-dir", "ck", "--progress-dir", "p",

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import pixelcnn
-import training
 from checkpoint import load_checkpoint, load_prior, save_checkpoint
 from errors import CheckpointError, OutputError
 from modules import PixelCNNConfig, build_prior
@@ -96,22 +95,10 @@ def test_warmup_cosine_holds_the_peak_for_its_share_of_the_run_before_decaying()
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
 
 
-class TickingClock:
-    """Stands in for time.monotonic: every reading is one second after the last."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        self.now += 1.0
-        return self.now
-
-
 def test_a_time_budget_ends_the_run_early_with_the_lr_decayed_and_keeps_the_best_checkpoint(
-        tmp_path, tiny_demo, tiny_models, prior_configs, monkeypatch):
+        tmp_path, tiny_demo, tiny_models, prior_configs, monkeypatch, ticking_clock):
     monkeypatch.chdir(tmp_path)  # the split cache goes here
     vqvae = tiny_models.vqvae
-    monkeypatch.setattr(training.TimeBudget, "clock", staticmethod(TickingClock()))
     # 8 training grids, batch 2: 4 steps an epoch, 80 planned; a step reads the clock once, so
     # the budget of 60 ticking seconds fits about 50 of them
     cfg, model_cfg = prior_configs(tmp_path, tiny_demo, vqvae, "--epochs", "20", "--minutes", "1",
@@ -127,10 +114,9 @@ def test_a_time_budget_ends_the_run_early_with_the_lr_decayed_and_keeps_the_best
 
 
 def test_a_budget_spent_before_its_estimate_stops_at_the_next_step(tmp_path, tiny_demo, tiny_models, prior_configs,
-                                                                   monkeypatch):
+                                                                   monkeypatch, ticking_clock):
     monkeypatch.chdir(tmp_path)  # the split cache goes here
     vqvae = tiny_models.vqvae
-    monkeypatch.setattr(training.TimeBudget, "clock", staticmethod(TickingClock()))
     cfg, model_cfg = prior_configs(tmp_path, tiny_demo, vqvae, "--epochs", "20", "--minutes", "0.25")
     history = pixelcnn.train_prior(cfg, model_cfg, progress=False)
     # 15 ticking seconds run out before the 20 timed steps: no estimate, a hard stop instead
