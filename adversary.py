@@ -157,12 +157,12 @@ def build_adversary(cfg, in_channels, device, ranks, total_steps):
     net = net.to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    trains_from = int(cfg.adversarial_from * total_steps)
-    return Adversary(net, wrap_for_ranks(net, ranks, device),
-                     make_adam(net.parameters(), cfg.adversarial_lr, device, betas=GAN_BETAS),
-                     trains_from, trains_from + int(cfg.adversarial_warmup * total_steps),
-                     int(cfg.adversarial_ramp * total_steps), cfg.adversarial_freeze_codes,
-                     (cfg.adversarial_from, cfg.adversarial_warmup, cfg.adversarial_ramp))
+    adversary = Adversary(net, wrap_for_ranks(net, ranks, device),
+                          make_adam(net.parameters(), cfg.adversarial_lr, device, betas=GAN_BETAS),
+                          trains_from=0, heard_from=0, freezes_codes=cfg.adversarial_freeze_codes,
+                          shares=(cfg.adversarial_from, cfg.adversarial_warmup, cfg.adversarial_ramp))
+    adversary.end_at(total_steps, step=-1)  # before the first step: every point is still ahead
+    return adversary
 
 
 def freeze_codes(model):
