@@ -17,13 +17,18 @@ read to set them. --thresholds lesions tunes them on validate slices with synthe
 instead (the best pixel AUPRC over --threshold-grid, the best Dice).
 
 --images DIR: every PNG of DIR, read and resized as OASIS slices are; slice positions from OASIS
-names, --slice-position, or inferred (the position the prior finds most likely). Writes
-maps/<name>.npy (the healing map), overlays/<name>.png (pixels above its threshold in red),
-anomaly_scores.csv (each map's highest value in the brain), and with --masks (same file names,
-nonzero = lesion) pixel AUROC, AUPRC, Dice, best-possible Dice and slice AUROC.
+names, --slice-position, or inferred (the position the prior finds most likely). Mapped a batch
+of --batch-size / --n-heal slices at a time (study.py), each batch's outputs written as it is
+done: maps/<name>.npy (the healing map), overlays/<name>.png (pixels above its threshold in red),
+the rows of anomaly_scores.csv (each map's highest value in the brain); then report.png (the 16
+highest-scoring slices: slice, map, overlay, mask), and with --masks (same file names, nonzero =
+lesion) pixel AUROC, AUPRC, Dice, best-possible Dice (from a fixed-size sample of the brain
+pixels) and slice AUROC.
 
-The benchmark (lesions.py): lesions of three kinds (smooth-edged blobs, sharp-edged rings,
-textured blobs) drawn inside the brain of half the test slices (seeded; nothing is written into
+The benchmark (lesions.py): lesions of six kinds (smooth-edged blobs, sharp-edged rings,
+textured blobs; and with the intensities of real tissue: patches of another slice's tissue, dark
+lesions at the slice's CSF level, blobs astride the grey/white boundary) drawn inside the brain
+of half the test slices (seeded; nothing is written into
 the data folders); the test split is loaded only after every
 threshold is set. Reported: pixel AUROC, AUPRC, Dice at the thresholds set, Dice at pixel
 thresholds tuned on validate lesions, the best-possible Dice, and slice AUROC (lesioned against
@@ -39,23 +44,21 @@ from typing import NamedTuple
 import matplotlib
 import numpy as np
 import torch
-from PIL import Image
 
-from brain import brain_region
 from checkpoint import TrainedModels, image_size_of, load_trained_pair
 from cli import opt, parse_configs, run_script
-from codes import encode_all, to_unit
+from codes import to_unit
 from dataset import load_split_tensor, resolve_data_root
 from errors import DataError, FlagError
-from files import progress_indices, save_figure, to_uint8, write_atomically, write_json, write_text
-from hardware import pick_device, set_seed
-from lesions import (CONTRAST_BINS, FROM_10PX, LESION_KINDS, SIZE_BINS, LesionSet, detection_figures, make_lesion_set,
-                     masks_as_lesions, pixel_figures, slice_scores)
-from maps import METHOD_NAMES, METHODS, Benchmark, Maps, anomaly_maps, code_regions, encode, inner_regions
-from metrics import auroc, average_precision, best_dice, dice_at
+from files import progress_indices, save_figure, write_json
+from hardware import peak_memory_gb, pick_device, set_seed
+from lesions import (CONTRAST_BINS, FROM_10PX, LESION_KINDS, SIZE_BINS, LesionSet, detection_figures,
+                     make_lesion_set)
+from maps import METHOD_NAMES, METHODS, Benchmark, Maps, anomaly_maps, code_regions, encode, slices_to_map
+from metrics import average_precision, best_dice, dice_at
 from modules import Priors
-from prior import most_likely_positions, slice_conditions
-from slices import NATIVE_SIZE, image_files, parse_slice_name, read_mask, read_slice
+from slices import image_files
+from study import REPORT_SLICES, Study, check_masks, map_study, named_positions
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -117,7 +120,8 @@ class AnomalyConfig(TrainedModels):
     val_slices: int = opt(64, "validate slices, evenly spread over the split, that the thresholds are set on; "
                               "0 = all", minimum=0)
     max_slices: int = opt(0, "test slices, evenly spread over the split, that are evaluated; 0 = all", minimum=0)
-    batch_size: int = opt(1024, "code grids healed at once", minimum=1)
+    batch_size: int = opt(1024, "code grids healed at once; with --images, --batch-size / --n-heal slices are "
+                                "mapped at a time, which sets the memory a folder of any size takes", minimum=1)
     seed: int = opt(0, "seed of the lesions (validate: this seed, test: the next) and of healing")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
 
@@ -174,14 +178,7 @@ def lesion_benchmark(root, split, image_size, count, seed, cfg: AnomalyConfig, n
                               lesioned_share, cfg.lesion_kinds)
     if lesioned_share and not lesions.lesioned.any():
         raise DataError(f"{split}: no lesion fits into its {len(ids)} slices; use more (--val-slices, --max-slices)")
-    return slices_to_map(split, lesions, slices.slice_idx[ids], cfg, n_conditions, device)
-
-
-def slices_to_map(name, lesions: LesionSet, slice_idx, cfg: AnomalyConfig, n_conditions, device):
-    """A Benchmark of slices (lesions.images) with their ground truth, brains and conditions."""
-    regions = np.stack([brain_region(image) for image in lesions.images])
-    inner = inner_regions(regions, cfg.edge_margin * lesions.images.shape[-1] / NATIVE_SIZE)
-    return Benchmark(name, lesions, regions, inner, slice_conditions(slice_idx, n_conditions, device), slice_idx)
+    return slices_to_map(split, lesions, slices.slice_idx[ids], cfg.edge_margin, n_conditions, device)
 
 
 # ----------------------------------------------------------------------------- chosen on validate
@@ -370,71 +367,37 @@ def run_benchmark(cfg: AnomalyConfig, root, models: Detector):
     return report
 
 
-def slice_positions(files, cfg: AnomalyConfig, n_conditions, vqvae, priors, images, device):
-    """Each slice's position for the prior -> (positions, where they came from)."""
-    if not n_conditions:
-        return np.zeros(len(files), dtype=np.int64), "none (the prior is not conditioned)"
-    if cfg.slice_position >= 0:
-        return np.full(len(files), cfg.slice_position), "--slice-position"
-    try:
-        return np.array([parse_slice_name(f.name)[1] for f in files]), "the OASIS file names"
-    except DataError:
-        codes = encode_all(vqvae, torch.from_numpy(np.rint(images * 255).astype(np.uint8))[:, None].to(device))
-        return (most_likely_positions(priors.coarse, codes, n_conditions),
-                "inferred: the position the prior finds most likely")
-
-
-def save_overlay(path, image, anomaly_map, threshold):
-    """The slice in gray with the pixels whose map exceeds the threshold tinted red."""
-    gray = to_uint8(image)
-    rgb = np.stack([gray] * 3, axis=-1).astype(np.float32)
-    above = anomaly_map > threshold
-    rgb[above] = 0.45 * rgb[above] + 0.55 * np.array([255.0, 0.0, 0.0])
-    write_atomically(path, lambda f: Image.fromarray(rgb.round().astype(np.uint8), mode="RGB").save(f, format="PNG"))
-
-
 def run_on_images(cfg: AnomalyConfig, root, models: Detector):
     """Maps of a folder of the user's slices, thresholds set on --data's validate slices; scored
-    against --masks where given (the maps never see them)."""
-    vqvae, priors, image_size, n_conditions, device = models
+    against --masks where given (the maps never see them). The folder is mapped a batch at a
+    time (study.py), so memory does not grow with it."""
     files = image_files(cfg.images)
-    threshold, pixel, set_on, _, _ = set_thresholds(cfg, root, models)
-    images = np.stack([read_slice(f, image_size) for f in files]).astype(np.float32) / 255
-    masks = (np.stack([read_mask(cfg.masks, f, image_size) for f in files]) if cfg.masks
-             else np.zeros(images.shape, dtype=bool))
-    positions, source = slice_positions(files, cfg, n_conditions, vqvae, priors, images, device)
-    print(f"{len(files)} slices from {cfg.images} at {image_size}x{image_size}; slice positions: {source}")
-    bench = slices_to_map("images", masks_as_lesions(images, masks), positions, cfg, n_conditions, device)
-    maps = anomaly_maps(vqvae, priors, bench, threshold, cfg, device)
-
-    out_dir = Path(cfg.out_dir)
-    rows = ["file,slice_position," + ",".join(f"{m}_score" for m in METHODS) + ",healing_pixels_above_threshold"
-            + (",mask_pixels" if cfg.masks else "")]
-    for i, path in enumerate(files):
-        healing = maps.healing[i]
-        write_atomically(out_dir / "maps" / f"{path.stem}.npy", lambda f, a=healing: np.save(f, a.astype(np.float32)))
-        save_overlay(out_dir / "overlays" / path.name, images[i], healing, pixel["healing"])
-        scores = [float(getattr(maps, m)[i][bench.regions[i]].max()) if bench.regions[i].any() else 0.0
-                  for m in METHODS]
-        rows.append(f"{path.name},{positions[i]}," + ",".join(f"{s:.6g}" for s in scores)
-                    + f",{int((healing > pixel['healing']).sum())}" + (f",{int(masks[i].sum())}" if cfg.masks else ""))
-    write_text(out_dir / "anomaly_scores.csv", "\n".join(rows) + "\n")
-    report = {"images": cfg.images, "masks": cfg.masks or None, "n_slices": len(files), "image_size": image_size,
-              "slice_positions_from": source, "thresholds_set_on": set_on, "heal_threshold": threshold,
-              "pixel_thresholds": pixel, "healed_share": maps.healed_share, "vqvae": cfg.vqvae, "prior": cfg.prior}
     if cfg.masks:
-        best = best_possible_dice(maps, bench)
-        report["methods"] = {m: {**pixel_figures(getattr(maps, m), masks, bench.regions, pixel[m]),
-                                 "best_possible_dice": best[m],
-                                 "slice_auroc": auroc(slice_scores(getattr(maps, m), bench.regions),
-                                                      bench.lesions.lesioned)} for m in METHODS}
+        check_masks(files, cfg.masks)
+    positions, source = named_positions(files, cfg.slice_position, models.n_conditions)
+    threshold, pixel, set_on, _, _ = set_thresholds(cfg, root, models)
+    print(f"{len(files)} slices from {cfg.images} at {models.image_size}x{models.image_size}; slice positions: "
+          f"{source}")
+    out_dir = Path(cfg.out_dir)
+    started = time.perf_counter()
+    study = Study(files, cfg.masks, positions, threshold, pixel, out_dir)
+    scores, _ = map_study(study, models, cfg, batch_slices=max(1, cfg.batch_size // cfg.n_heal))
+    seconds = time.perf_counter() - started
+    report = {"images": cfg.images, "masks": cfg.masks or None, "n_slices": len(files),
+              "image_size": models.image_size, "slice_positions_from": source, "thresholds_set_on": set_on,
+              "heal_threshold": threshold, "pixel_thresholds": pixel, "maps_seconds": seconds,
+              "slices_per_second": len(files) / seconds, "peak_memory_gb": peak_memory_gb(), "vqvae": cfg.vqvae,
+              "prior": cfg.prior}
+    if scores is not None:
+        report["methods"], report["pixels"] = scores.figures()
         for m, r in report["methods"].items():
             print(f"{METHOD_NAMES[m]:22s} pixel AUROC {r['pixel_auroc']:.3f} | AUPRC {r['pixel_auprc']:.3f} | "
                   f"Dice {r['dice']:.3f} (best possible {r['best_possible_dice']:.3f}) | slice AUROC "
                   f"{r['slice_auroc']:.3f}")
     write_json(out_dir / "anomaly_metrics.json", without_nan(report))
-    print(f"maps, overlays and scores of {len(files)} slices -> {out_dir / 'maps'}, {out_dir / 'overlays'}, "
-          f"{out_dir / 'anomaly_scores.csv'}")
+    print(f"maps, overlays and scores of {len(files)} slices in {seconds:.0f}s ({len(files) / seconds:.2f} "
+          f"slices/s, peak memory {report['peak_memory_gb']:.1f} GB) -> {out_dir / 'maps'}, {out_dir / 'overlays'}, {out_dir / 'anomaly_scores.csv'}; the "
+          f"{min(len(files), REPORT_SLICES)} highest-scoring slices -> {out_dir / 'report.png'}")
     return report
 
 

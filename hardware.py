@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import resource
 import sys
 
 import numpy as np
@@ -56,6 +57,11 @@ def use_fast_math(device, dtype="float32"):
         print("warning: this CPU has no bf16 convolution kernels (they need AVX-512); --dtype bfloat16 "
               "runs many times slower than float32 here", file=sys.stderr)
 
+
+
+def peak_memory_gb():
+    """The most resident memory this process has held so far, in GB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def synchronize(device):

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
+from brain import brain_region
 from codes import decode_all, encode_all_levels
 from lesions import LesionSet
 from modules import Priors
-from prior import code_nll, heal_codes
+from prior import code_nll, heal_codes, slice_conditions
 from slices import NATIVE_SIZE
 
 METHODS = ("reconstruction", "code_nll", "healing")
@@ -34,6 +35,14 @@ class Benchmark:
     inner: np.ndarray          # bool (N, H, W): the brain less the band along its edge, where maps are drawn
     cond: torch.Tensor | None  # the slice positions the prior is conditioned on (None: unconditioned)
     slice_idx: np.ndarray
+
+
+def slices_to_map(name, lesions: LesionSet, slice_idx, edge_margin, n_conditions, device):
+    """A Benchmark of slices (lesions.images) with their ground truth, brains and conditions;
+    edge_margin: the band left out along the brain's edge, px at 256 x 256."""
+    regions = np.stack([brain_region(image) for image in lesions.images])
+    inner = inner_regions(regions, edge_margin * lesions.images.shape[-1] / NATIVE_SIZE)
+    return Benchmark(name, lesions, regions, inner, slice_conditions(slice_idx, n_conditions, device), slice_idx)
 
 
 def inner_regions(regions, margin):
@@ -92,7 +101,7 @@ def heal_levels(priors: Priors, encoded: Encoded, who, flagged, cond, generator,
     if priors.detail is None:
         return [codes]
     under = flagged[who].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-    return [codes, heal_codes(priors.detail, encoded.fine[who], under, codes, generator=generator)]
+    return [codes, heal_codes(priors.detail, encoded.fine[who], under, codes, generator=generator, progress=progress)]
 
 
 @torch.no_grad()
@@ -101,13 +110,15 @@ def heal(vqvae, priors: Priors, bench: Benchmark, encoded: Encoded, threshold, n
     """Heal every slice n_heal times -> (|slice - healed| (N, H, W) combined over the healed versions by
     `combine`, mean healed slice, flags).
 
-    The n_heal copies of every slice are healed together, batch_size code grids at a time."""
+    The n_heal copies of every slice are healed together, batch_size code grids at a time; the
+    progress bar counts the code rows of every level, the detail prior's included."""
     flagged = encoded.nll > -math.log(threshold)
     owners = torch.arange(len(encoded.coarse), device=device).repeat_interleave(n_heal)
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks = [owners[i:i + batch_size] for i in range(0, len(owners), batch_size)]
     healed = []
-    with tqdm(total=encoded.coarse.shape[1] * len(chunks), desc=f"healing {bench.split}", leave=False) as bar:
+    rows = encoded.coarse.shape[1] + (encoded.fine.shape[1] if priors.detail is not None else 0)
+    with tqdm(total=rows * len(chunks), desc=f"healing {bench.split}", unit="row", leave=False) as bar:
         for who in chunks:
             cond = bench.cond[who] if bench.cond is not None else None
             codes = heal_levels(priors, encoded, who, flagged, cond, generator, bar)

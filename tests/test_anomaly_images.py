@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import anomaly
+import study
 from dataset import load_split
 
 PATCH = (slice(112, 160), slice(104, 152))  # 48 x 48 px at 256: 6 x 6 px of the 32 px model, in the brain
@@ -62,7 +63,7 @@ def test_without_masks_no_mask_is_read(tiny_models, own_slices, tmp_path, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("a mask was read")
 
-    monkeypatch.setattr(anomaly, "read_mask", refuse)
+    monkeypatch.setattr(study, "read_mask", refuse)
     report = run_on(tiny_models, monkeypatch, tmp_path, "--images", str(own_slices[0]), "--slice-position", "2")
     assert "methods" not in report and report["slice_positions_from"] == "--slice-position"
     assert "mask_pixels" not in (tmp_path / "anomaly_scores.csv").read_text().splitlines()[0]
@@ -111,3 +112,87 @@ def test_a_missing_mask_a_mask_of_another_size_and_a_folder_without_pngs_get_one
         run_on(tiny_models, monkeypatch, tmp_path / "c", "--images", str(empty))
     err = one_line_error(capsys, stop)
     assert str(empty) in err and "no PNG" in err
+
+
+# ----------------------------------------------------------------------------- a study in bounded memory
+
+def test_the_reservoir_keeps_every_pixel_while_they_fit_and_a_uniform_sample_beyond():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.random((5000, 2)).astype(np.float32), rng.random(5000) < 0.1
+    whole = study.PixelReservoir(10_000, 2, seed=1)
+    for start in range(0, 5000, 700):
+        whole.add(scores[start:start + 700], labels[start:start + 700])
+    assert whole.seen == 5000 and sorted(map(tuple, whole.scores)) == sorted(map(tuple, scores))
+    small = study.PixelReservoir(1000, 2, seed=1)
+    for start in range(0, 5000, 700):
+        small.add(scores[start:start + 700], labels[start:start + 700])
+    assert small.seen == 5000 and len(small.labels) == 1000
+    kept = {tuple(row) for row in small.scores}
+    assert kept <= {tuple(row) for row in scores}  # a sample of what was added, without repeats
+    late = np.isin(scores[:, 0], scores[4000:, 0])
+    assert 0.1 < np.isin(small.scores[:, 0], scores[late, 0]).mean() < 0.3  # the last fifth as often as the rest
+
+
+def test_study_scores_added_a_batch_at_a_time_equal_the_figures_of_the_whole():
+    from maps import METHODS
+    from metrics import auroc, average_precision, best_dice, dice_at
+    rng = np.random.default_rng(2)
+    masks = np.zeros((6, 16, 16), bool)
+    masks[::2, 4:9, 5:10] = True
+    maps = {m: rng.random((6, 16, 16)).astype(np.float32) + k * masks for k, m in enumerate(METHODS)}
+    regions = np.zeros((6, 16, 16), bool)
+    regions[:, 2:14, 2:14] = True
+    thresholds = {m: 0.8 for m in METHODS}
+    scores = study.StudyScores(thresholds, seed=0)
+    for start in (0, 2, 5):
+        stop = {0: 2, 2: 5, 5: 6}[start]
+        scores.add({m: v[start:stop] for m, v in maps.items()}, masks[start:stop], regions[start:stop])
+    figures, pixels = scores.figures()
+    assert pixels == {"brain_pixels": 6 * 144, "pixels_sampled": 6 * 144}
+    for m in METHODS:
+        flat, labels = maps[m][regions], masks[regions]
+        per_slice = [maps[m][i][regions[i]].max() for i in range(6)]
+        assert figures[m]["pixel_auroc"] == pytest.approx(auroc(flat, labels))
+        assert figures[m]["pixel_auprc"] == pytest.approx(average_precision(flat, labels))
+        assert figures[m]["dice"] == pytest.approx(dice_at(flat, labels, 0.8))
+        assert figures[m]["best_possible_dice"] == pytest.approx(best_dice(flat, labels)[0])
+        assert figures[m]["slice_auroc"] == pytest.approx(auroc(per_slice, masks.any(axis=(1, 2))))
+
+
+def test_the_report_keeps_the_highest_scoring_slices_highest_first():
+    top = study.TopSlices(count=3)
+    for i, score in enumerate([0.2, 0.9, 0.1, 0.5, 0.7, 0.5]):
+        top.add(score, f"s{i}", np.zeros((4, 4)), np.full((4, 4), score), None)
+    assert [r.name for r in top.highest_first()] == ["s1", "s4", "s3"]  # of the tied 0.5s, the earlier
+
+
+def test_a_folder_is_mapped_a_batch_at_a_time_and_an_interrupted_run_keeps_the_finished_batches(
+        tiny_models, own_slices, tmp_path, monkeypatch):
+    images, masks = own_slices
+    sizes, real_maps = [], study.anomaly_maps
+
+    def counted(vqvae, priors, bench, *args, **kwargs):
+        sizes.append(len(bench.slice_idx))
+        return real_maps(vqvae, priors, bench, *args, **kwargs)
+
+    monkeypatch.setattr(study, "anomaly_maps", counted)
+    # --batch-size 2 code grids with --n-heal 2: one slice at a time
+    report = run_on(tiny_models, monkeypatch, tmp_path / "whole", "--images", str(images), "--masks", str(masks),
+                    "--batch-size", "2")
+    assert sizes == [1, 1, 1, 1] and report["n_slices"] == 4
+    assert report["slices_per_second"] > 0 and 0 < report["peak_memory_gb"] < 64
+    assert (tmp_path / "whole" / "report.png").stat().st_size > 0
+    assert report["pixels"]["pixels_sampled"] == report["pixels"]["brain_pixels"] > 0
+    assert report["methods"]["healing"]["slice_auroc"] == 1.0
+
+    def interrupted(vqvae, priors, bench, *args, **kwargs):
+        if len(sizes) == 6:
+            raise KeyboardInterrupt
+        return counted(vqvae, priors, bench, *args, **kwargs)
+
+    monkeypatch.setattr(study, "anomaly_maps", interrupted)
+    with pytest.raises(SystemExit):
+        run_on(tiny_models, monkeypatch, tmp_path / "cut", "--images", str(images), "--batch-size", "2")
+    rows = (tmp_path / "cut" / "anomaly_scores.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["scan_0.png", "scan_1.png"]
+    assert sorted(p.name for p in (tmp_path / "cut" / "maps").iterdir()) == ["scan_0.npy", "scan_1.npy"]

@@ -9,7 +9,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 # Bottom layer first: each module may import only modules listed before it. The scripts come last.
 LIBRARY = ["errors", "files", "cli", "hardware", "metrics", "slices", "brain", "synth", "demo", "dataset", "modules",
-           "codes", "prior", "checkpoint", "training", "adversary", "bench", "c2st", "lesions", "maps"]
+           "codes", "prior", "checkpoint", "training", "adversary", "bench", "c2st", "lesions", "maps",
+           "study"]
 SCRIPTS = ["train", "pixelcnn", "realism", "predict", "anomaly", "sweep"]
 ORDER = LIBRARY + SCRIPTS
 
