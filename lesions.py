@@ -1,6 +1,9 @@
-"""The synthetic lesion benchmark: lesions of three kinds (LESION_KINDS: smooth-edged blobs,
-sharp-edged rings, textured blobs) drawn into held-out slices, with their masks, and the figures
-that score an anomaly map against them.
+"""The synthetic lesion benchmark: lesions of six kinds (LESION_KINDS) drawn into held-out
+slices, with their masks, and the figures that score an anomaly map against them. Three change
+the tissue's intensity (smooth-edged blobs, sharp-edged rings, textured blobs); three keep
+intensities a brain has (a patch of real tissue from another slice, a dark lesion at the level of
+the slice's CSF, a blob astride the grey/white-matter boundary), so that only their structure
+gives them away.
 
 Lesions are drawn in memory, deterministically from a seed; nothing is written into the data
 folders. Sizes are given in pixels at 256 x 256 (the OASIS slices' own size) and scaled to the
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 from brain import brain_region
 from metrics import auroc, average_precision, dice_at
@@ -32,7 +36,14 @@ CONTRAST_BINS = ("bright", "dark")
 # How a lesion's contrast is laid out: blob, uniform with a soft edge; ring, a sharp-edged rim at
 # full contrast round a core at RING_CORE of it; textured, a soft-edged blob whose contrast is
 # mottled by a smooth random field (TEXTURE_SIGMA px at 256) between none and full.
-LESION_KINDS = ("blob", "ring", "textured")
+# tissue: the pixels of another slice's brain, faded in over a blob's soft edge; csf: the
+# tissue pulled to the CSF level of the slice (CSF_QUANTILE of its brain's intensities);
+# straddling: a blob centred on the grey/white boundary (where the smoothed slice crosses the
+# Otsu threshold of its brain's tissue brighter than CSF).
+LESION_KINDS = ("blob", "ring", "textured", "tissue", "csf", "straddling")
+REPLACING_KINDS = ("tissue", "csf")  # they set intensities instead of adding a contrast
+CSF_QUANTILE = 0.03
+BOUNDARY_SIGMA_AT_256 = 1.5
 RING_CORE = 0.3
 RING_WIDTH = 0.35  # of the radius
 TEXTURE_SIGMA_AT_256 = 2.0
@@ -74,10 +85,10 @@ def blob_reach(radius, bends):
     return radius * (1 + float(np.sum(bends))) + max(1.0, EDGE_SHARE * radius) / 2
 
 
-def draw_lesion(image, rng, size_range_px, contrast_range, kind="blob"):
+def draw_lesion(image, rng, size_range_px, contrast_range, kind="blob", donor=None):
     """One lesion of a kind (LESION_KINDS) wholly inside the brain of `image` -> (lesioned image,
     weights, contrast, the lesion's extent), or None where not even the smallest lesion fits.
-    Sizes in px at the image's own size."""
+    Sizes in px at the image's own size; donor: the slice a tissue lesion takes its pixels from."""
     diameter = rng.uniform(*size_range_px)
     bends = rng.uniform(0, MAX_BEND, len(HARMONICS))
     phases = rng.uniform(0, 2 * np.pi, len(HARMONICS))
@@ -89,10 +100,45 @@ def draw_lesion(image, rng, size_range_px, contrast_range, kind="blob"):
         if diameter < size_range_px[0]:
             return None
     places = np.argwhere(depth > blob_reach(diameter / 2, bends))
+    if kind == "straddling":
+        on_boundary = grey_white_boundary(image)[tuple(places.T)]
+        places = places[on_boundary] if on_boundary.any() else places
     centre = places[min(int(pick * len(places)), len(places) - 1)]
     blob = blob_weight(image.shape, centre, diameter / 2, bends, phases)
     weights = lesion_profile(kind, blob, diameter / 2, rng)
+    if kind in REPLACING_KINDS:
+        target = (csf_level(image) if kind == "csf"
+                  else tissue_from(donor, centre, blob_reach(diameter / 2, bends), rng))
+        lesioned = image + weights * (target - image)
+        return lesioned.astype(np.float32), weights, achieved_contrast(image, lesioned, weights), blob >= 0.5
     return np.clip(image + contrast * weights, 0.0, 1.0).astype(np.float32), weights, contrast, blob >= 0.5
+
+
+def csf_level(image):
+    """The intensity of the slice's CSF: a low quantile of its brain's pixels."""
+    return float(np.quantile(image[brain_region(image)], CSF_QUANTILE))
+
+
+def grey_white_boundary(image):
+    """The pixels of the brain where the smoothed slice crosses the threshold that splits its
+    tissue brighter than CSF into two classes (Otsu): the grey/white-matter boundary."""
+    brain = brain_region(image)
+    smoothed = ndimage.gaussian_filter(image, BOUNDARY_SIGMA_AT_256 * image.shape[-1] / NATIVE_SIZE)
+    tissue = smoothed[brain]
+    tissue = tissue[tissue > np.quantile(tissue, 0.2)]
+    white = smoothed >= threshold_otsu(tissue)
+    return (white ^ ndimage.binary_erosion(white)) & brain
+
+
+def tissue_from(donor, centre, reach, rng):
+    """The donor slice shifted so that a random point of its brain, at least `reach` from the
+    brain's edge, lands on `centre`: real tissue, from another place, for a lesion there."""
+    depth = ndimage.distance_transform_edt(brain_region(donor))
+    places = np.argwhere(depth > reach)
+    if not len(places):
+        places = np.argwhere(depth >= depth.max())
+    source = places[rng.integers(len(places))]
+    return np.roll(donor, tuple(np.asarray(centre) - source), axis=(0, 1))
 
 
 def lesion_profile(kind, blob, radius, rng):
@@ -142,7 +188,8 @@ def make_lesion_set(images, seed, size_range=(4.0, 32.0), contrast_range=(0.15, 
     size_range_px = (size_range[0] * scale, size_range[1] * scale)
     for number, i in enumerate(np.flatnonzero(chosen)):
         kind = kinds[number % len(kinds)]
-        drawn = draw_lesion(images[i], np.random.default_rng([seed, i]), size_range_px, contrast_range, kind)
+        donor = donor_of(images, i, np.random.default_rng([seed, i, 1])) if kind == "tissue" else None
+        drawn = draw_lesion(images[i], np.random.default_rng([seed, i]), size_range_px, contrast_range, kind, donor)
         if drawn is None:
             continue
         out.images[i], out.weights[i], out.nominal[i], out.masks[i] = drawn
@@ -151,6 +198,15 @@ def make_lesion_set(images, seed, size_range=(4.0, 32.0), contrast_range=(0.15, 
         out.lesioned[i], out.kinds[i] = True, kind
         out.diameters[i] = 2 * np.sqrt(out.masks[i].sum() / np.pi) / scale
     return out
+
+
+def donor_of(images, i, rng):
+    """Another slice of the set than i, drawn at random (the slice itself rolled by half its
+    width where it is alone): where a tissue lesion takes its pixels from."""
+    if len(images) == 1:
+        return np.roll(images[i], images.shape[-1] // 2, axis=1)
+    other = int(rng.integers(len(images) - 1))
+    return images[other + (other >= i)]
 
 
 # ----------------------------------------------------------------------------- detection figures

@@ -11,7 +11,8 @@ import maps
 from brain import brain_region
 from checkpoint import load_prior, load_vqvae
 from dataset import load_split, load_split_tensor
-from lesions import RING_CORE, LesionSet, detection_figures, make_lesion_set
+from lesions import (LESION_KINDS, RING_CORE, LesionSet, csf_level, detection_figures, grey_white_boundary,
+                     make_lesion_set)
 from metrics import auroc, average_precision, best_dice, dice_at
 from modules import PixelCNNConfig, Priors, build_prior
 from prior import VerticalStacks, heal_codes, sample_codes
@@ -70,11 +71,51 @@ def test_other_lesion_kinds_differ_from_a_blob_in_edge_or_texture_but_not_in_ext
                 assert blobs.weights[i][core].std() < 1e-3 and others.weights[i][core].std() > 0.1
 
 
+def test_a_csf_lesion_takes_the_slices_csf_level_and_changes_nothing_else(slices_128):
+    lesions = make_lesion_set(slices_128, seed=3, size_range=(12, 24), lesioned_share=0.75, kinds=("csf",))
+    assert lesions.lesioned.sum() >= 3
+    for i in np.flatnonzero(lesions.lesioned):
+        original, drawn, weights = slices_128[i], lesions.images[i], lesions.weights[i]
+        level = csf_level(original)
+        assert level < np.median(original[brain_region(original)])  # dark: what ventricles hold
+        np.testing.assert_allclose(drawn, original + weights * (level - original), atol=1e-6)
+        assert np.array_equal(lesions.masks[i], weights >= 0.5) and lesions.contrasts[i] < 0
+
+
+def test_a_tissue_lesion_is_another_slices_real_tissue(slices_128):
+    lesions = make_lesion_set(slices_128, seed=3, size_range=(16, 24), lesioned_share=0.75, kinds=("tissue",))
+    assert lesions.lesioned.sum() >= 3
+    for i in np.flatnonzero(lesions.lesioned):
+        original, drawn, weights = slices_128[i], lesions.images[i], lesions.weights[i]
+        core = weights == 1.0
+        assert not np.allclose(drawn[core], original[core])
+        assert not (drawn != original)[weights == 0].any()
+        # the core's pixels are some other slice's pixels, shifted, and lie in that slice's brain
+        found = False
+        for j in range(len(slices_128)):
+            brain = brain_region(slices_128[j])
+            for dy, dx in np.argwhere(np.isclose(slices_128[j], drawn[core][0], atol=1e-6)):
+                shift = np.array(np.argwhere(core)[0]) - (dy, dx)
+                shifted = np.roll(slices_128[j], tuple(shift), axis=(0, 1))
+                if np.allclose(shifted[core], drawn[core], atol=1e-6) and np.roll(brain, tuple(shift), (0, 1))[core].all():
+                    found = found or j != i
+        assert found
+
+
+def test_a_straddling_lesion_lies_across_the_grey_white_boundary(slices_128):
+    lesions = make_lesion_set(slices_128, seed=3, size_range=(8, 16), lesioned_share=0.75, kinds=("straddling",))
+    assert lesions.lesioned.sum() >= 3
+    for i in np.flatnonzero(lesions.lesioned):
+        boundary = grey_white_boundary(slices_128[i])
+        assert boundary.any() and (boundary & lesions.masks[i]).any()
+        assert np.array_equal(lesions.masks[i], lesions.weights[i] >= 0.5)
+
+
 def test_the_figures_are_reported_for_each_kind(slices_128):
-    lesions = make_lesion_set(slices_128, seed=3, lesioned_share=0.75, kinds=("blob", "ring", "textured"))
+    lesions = make_lesion_set(slices_128, seed=3, lesioned_share=0.75, kinds=LESION_KINDS)
     regions = np.stack([brain_region(image) for image in lesions.images])
     figures = detection_figures(lesions.weights, lesions, regions, 0.5)
-    assert set(figures["by_kind"]) == {"blob", "ring", "textured"}
+    assert set(figures["by_kind"]) == set(LESION_KINDS)
     assert sum(r["n_lesioned"] for r in figures["by_kind"].values()) == lesions.lesioned.sum()
 
 
