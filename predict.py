@@ -8,7 +8,7 @@ the detail prior (pixelcnn_detail_best.pt beside --prior, or --detail-prior); --
 --top-p set how the prior draws, --detail-temperature and --detail-top-p the detail prior.
 
 Writes to out/: reconstructions.png, metrics.json, samples.png and samples/*.png,
-slice_sweep.gif (generated slices from the lowest to the highest conditioned position),
+samples_vs_real.png (8 samples above 8 real slices of the split, at full size), slice_sweep.gif (generated slices from the lowest to the highest conditioned position),
 code_maps.png (test inputs, their code indices, the decodings), codebook_usage.png,
 progression.gif (from
 train.py's per-epoch grids), curves.png, and with
@@ -239,6 +239,14 @@ def save_samples(images, out_dir):
         save_gray_png(out_dir / "samples" / f"sample_{i:03d}.png", to_uint8(image))
 
 
+def save_beside_real(samples, real_u8, path, count=8):
+    """Up to `count` samples above as many real slices of the evaluated split, spread over it, at
+    full size: what a sample must pass for."""
+    count = min(count, len(samples), len(real_u8))
+    real = to_unit(real_u8[torch.as_tensor(progress_indices(len(real_u8), count))]).cpu()
+    save_gray_png(path, image_grid(torch.cat([samples[:count], real]).squeeze(1).numpy(), ncol=count))
+
+
 def save_progression_gif(progress_dir, path):
     frames = sorted(Path(progress_dir).glob("epoch_*.png"))
     if not frames:
@@ -350,6 +358,7 @@ def predict(cfg: PredictConfig):
         samples, seconds = generate(vqvae, prior, prior_ckpt, detail, cfg.n_samples, cfg.slice,
                                     sampling_settings(cfg), cfg.seed, device)
         save_samples(samples, out_dir)
+        save_beside_real(samples, test_u8, out_dir / "samples_vs_real.png")
         metrics.update({"prior_val_nll_bits": prior_ckpt["run"]["best"], **prior_ckpt["baselines"],
                         "n_samples": cfg.n_samples, "sampling_seconds": seconds})
         save_slice_sweep(vqvae, prior, prior_ckpt, detail, cfg.sweep_frames, sampling_settings(cfg), cfg.seed, device,

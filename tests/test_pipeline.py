@@ -1,6 +1,7 @@
 """The three scripts, end to end, on a tiny demo set at 32x32."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,6 +11,7 @@ import pixelcnn
 import predict
 import train
 from cli import parse_configs
+from dataset import load_split_tensor
 from errors import FlagError
 from modules import PixelCNNConfig, VQVAEConfig, rows_seen_above
 
@@ -62,6 +64,17 @@ def test_predict_writes_every_listed_output(pipeline_run):
     assert gif.n_frames == 2  # one frame per training epoch
     sweep = Image.open(out / "slice_sweep.gif")
     assert sweep.n_frames == 3 and sweep.size == (32, 32)  # --sweep-frames 3
+
+
+def test_samples_are_shown_above_real_test_slices_at_full_size(pipeline_run):
+    work, data = pipeline_run
+    beside = np.asarray(Image.open(work / "out" / "samples_vs_real.png"))
+    count = min(8, N_SAMPLES, 4)  # the tiny test split has 4 slices
+    assert beside.shape == (2 * 34 + 2, count * 34 + 2)  # 32 px tiles, 2 px apart
+    sample = np.asarray(Image.open(work / "out" / "samples" / "sample_000.png"))
+    assert np.array_equal(beside[2:34, 2:34], sample)
+    real = load_split_tensor(data, "test", 32, cache_dir=None, progress=False)[0][:, 0].numpy()
+    assert np.array_equal(beside[36:68, 2:34], real[0]) and np.array_equal(beside[36:68, -34:-2], real[-1])
 
 
 def test_metrics_json_has_the_promised_keys(pipeline_run):
