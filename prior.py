@@ -7,17 +7,41 @@ import torch.nn.functional as F
 from errors import DataError
 from modules import GatedPixelCNN, columns_seen, crop
 
+class RowBiases:
+    """The gated model's conditioning biases, one code row at a time (`at`). Over a whole grid a
+    detail prior's biases hold 4 x hidden numbers per fine code and layer (gigabytes for a batch
+    of healing); its coarse-code features hold hidden, so they are kept instead and a row's
+    biases made from them when it is reached (the layers' context convolutions are 1x1: exact)."""
+
+    def __init__(self, model, cond):
+        self.model, self.row, self.biases = model, None, None
+        self.context = model.context(cond) if model.context is not None and cond is not None else None
+        self.whole = model.layer_biases(cond) if self.context is None else None
+
+    def at(self, row):
+        """Each layer's bias over row `row`: (n, 4 * hidden, 1, width), or 1x1 per slice, or None."""
+        if self.row != row:
+            if self.context is None:
+                self.biases = [crop(b, slice(row, row + 1), slice(None)) for b in self.whole]
+            else:
+                band = self.context[:, :, row:row + 1]
+                self.biases = [layer.bias(context=band) for layer in self.model.layers]
+            self.row = row
+        return self.biases
+
+
 def row_band(model, codes, features, biases, row, col, who=None):
     """The gated model's logits at (row, col) from the one-row band that its horizontal stacks
     see there: the columns left of it within columns_seen, exact because nothing else reaches it.
-    who: the slices wanted (None: all); each tensor is cropped before they are picked."""
+    biases: RowBiases; who: the slices wanted (None: all); each tensor is cropped before they
+    are picked."""
     start = max(0, col + 1 - columns_seen(model.cfg))
 
     def pick(tensor):
         return tensor if who is None or tensor is None else tensor[who]
     band = pick(codes[:, row:row + 1, start:col + 1])
     left = [pick(f[..., start:col + 1]) for f in features]
-    here = [pick(crop(b, slice(row, row + 1), slice(start, col + 1))) for b in biases]
+    here = [pick(crop(b, slice(None), slice(start, col + 1))) for b in biases.at(row)]
     return model.horizontal_logits(band, left, here, row, start)[:, :, 0, -1]
 
 
@@ -56,7 +80,7 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
     device = next(model.parameters()).device
     codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
     gated = isinstance(model, GatedPixelCNN)
-    biases = model.layer_biases(cond) if gated else None
+    biases = RowBiases(model, cond) if gated else None
     stacks = VerticalStacks(model, n, width, biases) if gated else None
     for row in range(height):
         for col in range(width):
@@ -121,9 +145,9 @@ class VerticalStacks:
     def advance(self, codes_row, row):
         """Take in the finished code row `row` (n, width); `features` then serve row + 1."""
         v = self.model.embed(codes_row[:, None], row)
-        for i, (layer, bias) in enumerate(zip(self.model.layers, self.biases)):
+        for i, (layer, bias) in enumerate(zip(self.model.layers, self.biases.at(row))):
             self.windows[i] = torch.cat([self.windows[i][:, :, 1:], v], dim=2)
-            v, self.features[i] = layer.vertical_row(self.windows[i], crop(bias, slice(row, row + 1), slice(None)))
+            v, self.features[i] = layer.vertical_row(self.windows[i], bias)
 
 
 @torch.no_grad()
@@ -140,7 +164,7 @@ def heal_codes(model, codes, resample, cond=None, temperature=1.0, generator=Non
     rows = flagged.any(dim=1).nonzero()[:, 0].tolist()
     last_row = rows[-1] if rows else -1
     gated = isinstance(model, GatedPixelCNN)
-    biases = model.layer_biases(cond) if gated else None
+    biases = RowBiases(model, cond) if gated else None
     stacks = VerticalStacks(model, n, width, biases) if gated else None
     for row in range(last_row + 1):
         for col in flagged[row].nonzero()[:, 0].tolist():

@@ -15,7 +15,7 @@ from lesions import (LESION_KINDS, RING_CORE, LesionSet, csf_level, detection_fi
                      make_lesion_set)
 from metrics import auroc, average_precision, best_dice, dice_at
 from modules import PixelCNNConfig, Priors, build_prior
-from prior import VerticalStacks, heal_codes, sample_codes
+from prior import RowBiases, VerticalStacks, heal_codes, sample_codes
 
 
 @pytest.fixture(scope="module")
@@ -206,9 +206,8 @@ def test_healing_every_code_is_sampling_from_the_prior():
 def test_vertical_stacks_a_row_at_a_time_match_the_whole_grid():
     model = tiny_prior()
     codes, cond = torch.randint(0, 16, (2, 6, 6)), torch.tensor([2, 3])
-    biases = model.layer_biases(cond)
-    whole = model.vertical_features(codes, biases)
-    stacks = VerticalStacks(model, 2, 6, biases)
+    whole = model.vertical_features(codes, model.layer_biases(cond))
+    stacks = VerticalStacks(model, 2, 6, RowBiases(model, cond))
     for row in range(6):
         for layer, features in enumerate(whole):
             torch.testing.assert_close(stacks.features[layer][:, :, 0], features[:, :, row])

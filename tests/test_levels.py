@@ -18,7 +18,7 @@ from checkpoint import TrainedModels, load_prior, load_trained_pair, load_vqvae
 from codes import decode_all, encode_all_levels
 from errors import CheckpointError, FlagError
 from modules import PixelCNNConfig, Priors, VQVAE, VQVAEConfig, build_prior
-from prior import heal_codes, sample_codes, sample_fine, sample_levels
+from prior import RowBiases, heal_codes, sample_codes, sample_fine, sample_levels
 
 
 def detail_prior(num_codes=10, context_codes=7, grid_size=8, n_layers=2):
@@ -293,3 +293,13 @@ def test_the_codes_of_a_split_come_level_by_level(two_levels):
     assert coarse.shape == (3, 4, 4) and fine.shape == (3, 8, 8)
     one_by_one = [vqvae.encode_levels(images[i:i + 1].float() / 255) for i in range(3)]
     assert torch.equal(fine, torch.cat([levels[1] for levels in one_by_one]))
+
+
+def test_a_detail_priors_biases_are_made_a_row_at_a_time_and_match_the_whole_grids():
+    model, coarse = detail_prior(), torch.randint(0, 7, (3, 4, 4))
+    whole = model.layer_biases(coarse)
+    rows = RowBiases(model, coarse)
+    assert rows.whole is None and rows.context.shape == (3, model.cfg.hidden, 8, 8)  # not 4 x hidden per layer
+    for row in (0, 5, 7):
+        for at_row, full in zip(rows.at(row), whole):
+            torch.testing.assert_close(at_row, full[:, :, row:row + 1])
