@@ -69,7 +69,9 @@ class PredictConfig(TrainedModels):
     temperature: float = opt(1.0, "softmax temperature of the prior (of the coarsest codes) when sampling")
     top_p: float = opt(1.0, "nucleus sampling of the prior: draw each code from the most likely codes that make up "
                             "this much of the probability; 1.0 = from all")
-    detail_temperature: float = opt(1.0, "a two-level VQ-VAE: softmax temperature of the detail prior (the fine codes)")
+    detail_temperature: float = opt(0.5, "a two-level VQ-VAE: softmax temperature of the detail prior (the fine codes); "
+                                         "below 1 its sulci follow the slice instead of breaking into speckle "
+                                         "(RESULTS.md, by level)")
     detail_top_p: float = opt(1.0, "a two-level VQ-VAE: nucleus sampling of the detail prior, as --top-p")
     sweep_frames: int = opt(8, "frames of slice_sweep.gif, one generated slice per conditioned position; 0 = none")
     save_reconstructions: bool = opt(False, "also write every test reconstruction as an 8-bit PNG")
