@@ -381,7 +381,7 @@ def run_on_images(cfg: AnomalyConfig, root, models: Detector):
     out_dir = Path(cfg.out_dir)
     started = time.perf_counter()
     study = Study(files, cfg.masks, positions, threshold, pixel, out_dir)
-    scores, _ = map_study(study, models, cfg, batch_slices=max(1, cfg.batch_size // cfg.n_heal))
+    scores = map_study(study, models, cfg, batch_slices=max(1, cfg.batch_size // cfg.n_heal))
     seconds = time.perf_counter() - started
     report = {"images": cfg.images, "masks": cfg.masks or None, "n_slices": len(files),
               "image_size": models.image_size, "slice_positions_from": source, "thresholds_set_on": set_on,
@@ -396,8 +396,9 @@ def run_on_images(cfg: AnomalyConfig, root, models: Detector):
                   f"{r['slice_auroc']:.3f}")
     write_json(out_dir / "anomaly_metrics.json", without_nan(report))
     print(f"maps, overlays and scores of {len(files)} slices in {seconds:.0f}s ({len(files) / seconds:.2f} "
-          f"slices/s, peak memory {report['peak_memory_gb']:.1f} GB) -> {out_dir / 'maps'}, {out_dir / 'overlays'}, {out_dir / 'anomaly_scores.csv'}; the "
-          f"{min(len(files), REPORT_SLICES)} highest-scoring slices -> {out_dir / 'report.png'}")
+          f"slices/s, peak memory {report['peak_memory_gb']:.1f} GB) -> {out_dir / 'maps'}, "
+          f"{out_dir / 'overlays'}, {out_dir / 'anomaly_scores.csv'}; the {min(len(files), REPORT_SLICES)} "
+          f"highest-scoring slices -> {out_dir / 'report.png'}")
     return report
 
 

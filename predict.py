@@ -8,10 +8,10 @@ the detail prior (pixelcnn_detail_best.pt beside --prior, or --detail-prior); --
 --top-p set how the prior draws, --detail-temperature and --detail-top-p the detail prior.
 
 Writes to out/: reconstructions.png, metrics.json, samples.png and samples/*.png,
-samples_vs_real.png (8 samples above 8 real slices of the split, at full size), slice_sweep.gif (generated slices from the lowest to the highest conditioned position),
-code_maps.png (test inputs, their code indices, the decodings), codebook_usage.png,
-progression.gif (from
-train.py's per-epoch grids), curves.png, and with
+samples_vs_real.png (8 samples above 8 real slices of the split, at full size), slice_sweep.gif
+(generated slices from the lowest to the highest conditioned position), code_maps.png (test
+inputs, their code indices, the decodings), codebook_usage.png, progression.gif (from train.py's
+per-epoch grids), curves.png, and with
 --save-reconstructions every test reconstruction under reconstructions/.
 
     python predict.py --realism                # also judge whether samples pass for real
@@ -69,8 +69,8 @@ class PredictConfig(TrainedModels):
     temperature: float = opt(1.0, "softmax temperature of the prior (of the coarsest codes) when sampling")
     top_p: float = opt(1.0, "nucleus sampling of the prior: draw each code from the most likely codes that make up "
                             "this much of the probability; 1.0 = from all")
-    detail_temperature: float = opt(0.5, "a two-level VQ-VAE: softmax temperature of the detail prior (the fine codes); "
-                                         "below 1 its sulci follow the slice instead of breaking into speckle "
+    detail_temperature: float = opt(0.5, "a two-level VQ-VAE: softmax temperature of the detail prior (the fine "
+                                         "codes); below 1 its sulci follow the slice instead of breaking into speckle "
                                          "(RESULTS.md, by level)")
     detail_top_p: float = opt(1.0, "a two-level VQ-VAE: nucleus sampling of the detail prior, as --top-p")
     sweep_frames: int = opt(8, "frames of slice_sweep.gif, one generated slice per conditioned position; 0 = none")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from codes import encode_all
 from errors import DataError
 from files import save_figure, to_uint8, write_atomically
-from lesions import masks_as_lesions
+from lesions import masks_as_lesions, slice_scores
 from maps import METHODS, anomaly_maps, slices_to_map
 from metrics import auroc, average_precision, best_dice
 from prior import most_likely_positions
@@ -67,11 +67,12 @@ class StudyScores:
     def add(self, maps, masks, regions):
         """One batch: maps {method: (n, H, W)}, masks and regions bool (n, H, W)."""
         labels = masks[regions]
-        self.reservoir.add(np.stack([maps[m][regions] for m in METHODS], axis=1), labels)
+        in_brain = {m: maps[m][regions] for m in METHODS}
+        self.reservoir.add(np.stack([in_brain[m] for m in METHODS], axis=1), labels)
         for m in METHODS:
-            called = maps[m][regions] >= self.thresholds[m]
+            called = in_brain[m] >= self.thresholds[m]
             self.counts[m] += [int((called & labels).sum()), int(called.sum()), int(labels.sum())]
-            self.slice_scores[m].extend(slice_maxima(maps[m], regions))
+            self.slice_scores[m].extend(slice_scores(maps[m], regions))
         self.lesioned.extend(masks.reshape(len(masks), -1).any(axis=1))
 
     def figures(self):
@@ -88,11 +89,6 @@ class StudyScores:
                          "best_possible_dice": best_dice(sample[:, k], labels)[0],
                          "slice_auroc": auroc(np.array(self.slice_scores[m]), np.array(self.lesioned, bool))}
         return result, {"brain_pixels": int(self.reservoir.seen), "pixels_sampled": len(labels)}
-
-
-def slice_maxima(maps, regions):
-    """Each slice's score: its map's highest value inside its region (0 where that is empty)."""
-    return [float(m[r].max()) if r.any() else 0.0 for m, r in zip(maps, regions)]
 
 
 class Reported(NamedTuple):
@@ -195,12 +191,11 @@ def map_study(study: Study, models, cfg, batch_slices):
     """Map every slice of the study, batch_slices at a time; writes maps/<name>.npy,
     overlays/<name>.png and the rows of anomaly_scores.csv as each batch is done (an
     interrupted run keeps them) and report.png at the end. -> (StudyScores or None without
-    masks, the rows written)."""
+    masks)."""
     out_dir = study.out_dir
     scores = StudyScores(study.pixel_thresholds, cfg.seed) if study.masks_dir else None
     top = TopSlices()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = 0
     with open(out_dir / "anomaly_scores.csv", "w") as csv, \
             tqdm(total=len(study.files), desc="mapping slices", unit="slice") as bar:
         csv.write(score_header(bool(study.masks_dir)) + "\n")
@@ -212,10 +207,9 @@ def map_study(study: Study, models, cfg, batch_slices):
                 scores.add({m: getattr(maps, m) for m in METHODS}, bench.lesions.masks, bench.regions)
             csv.write("\n".join(rows) + "\n")
             csv.flush()
-            written += len(rows)
             bar.update(len(files))
     save_report(top.highest_first(), study.pixel_thresholds["healing"], out_dir / "report.png")
-    return scores, written
+    return scores
 
 
 def map_batch(study: Study, files, start, models, cfg):
@@ -239,12 +233,13 @@ def score_header(with_masks):
 def write_batch(study: Study, files, bench, maps, top: TopSlices):
     """Each slice's map and overlay, its entry in `top` -> its rows of anomaly_scores.csv."""
     threshold, with_masks, rows = study.pixel_thresholds["healing"], bool(study.masks_dir), []
+    per_slice = {m: slice_scores(getattr(maps, m), bench.regions) for m in METHODS}
     for i, path in enumerate(files):
         image, healing, mask = bench.lesions.images[i], maps.healing[i], bench.lesions.masks[i]
         write_atomically(study.out_dir / "maps" / f"{path.stem}.npy",
                          lambda f, a=healing: np.save(f, a.astype(np.float32)))
         save_overlay(study.out_dir / "overlays" / path.name, image, healing, threshold)
-        scores = [slice_maxima(getattr(maps, m)[i:i + 1], bench.regions[i:i + 1])[0] for m in METHODS]
+        scores = [float(per_slice[m][i]) for m in METHODS]
         top.add(scores[METHODS.index("healing")], path.name, image, healing, mask if with_masks else None)
         rows.append(f"{path.name},{bench.slice_idx[i]}," + ",".join(f"{s:.6g}" for s in scores)
                     + f",{int((healing > threshold).sum())}" + (f",{int(mask.sum())}" if with_masks else ""))
