@@ -7,8 +7,12 @@
 A slice is encoded; the codes the prior finds unlikely (from one pass of the gated PixelCNN,
 conditioned on the slice's position) are drawn afresh from the prior ("healing", Pinaya et al.,
 Medical Image Analysis 2022); the difference between the slice and its healed versions, where
-codes were healed, is the anomaly map (maps.py). Beside it: the plain reconstruction error and
-the prior's per-code NLL.
+codes were healed, is the healing map (maps.py). The calibrated NLL is the prior's per-code NLL
+at each level in healthy spreads above what healthy validate slices have at the same code cell
+and slice position. The anomaly map a user gets, "combined", adds the two, each over its 99th
+percentile on healthy slices: healing finds what differs from the prior's redrawing, the
+calibrated NLL what is unlikely for its place. Beside them: the plain reconstruction error and
+the prior's raw per-code NLL.
 
 Thresholds are set on healthy slices alone by default (--thresholds healthy): validate slices of
 --data without lesions; heal the codes rarer than --heal-share of their brain codes, and give
@@ -19,7 +23,7 @@ instead (the best pixel AUPRC over --threshold-grid, the best Dice).
 --images DIR: every PNG of DIR, read and resized as OASIS slices are; slice positions from OASIS
 names, --slice-position, or inferred (the position the prior finds most likely). Mapped a batch
 of --batch-size / --n-heal slices at a time (study.py), each batch's outputs written as it is
-done: maps/<name>.npy (the healing map), overlays/<name>.png (pixels above its threshold in red),
+done: maps/<name>.npy (the combined map), overlays/<name>.png (pixels above its threshold in red),
 the rows of anomaly_scores.csv (each map's highest value in the brain); then report.png (the 16
 highest-scoring slices: slice, map, overlay, mask), and with --masks (same file names, nonzero =
 lesion) pixel AUROC, AUPRC, Dice, best-possible Dice (from a fixed-size sample of the brain
@@ -32,7 +36,8 @@ of half the test slices (seeded; nothing is written into
 the data folders); the test split is loaded only after every
 threshold is set. Reported: pixel AUROC, AUPRC, Dice at the thresholds set, Dice at pixel
 thresholds tuned on validate lesions, the best-possible Dice, and slice AUROC (lesioned against
-untouched slices, each scored by its map's maximum), in all and by lesion size and contrast.
+untouched slices, each scored by its map's maximum), in all, by lesion size and contrast, and by
+kind (every size, and 10 px and more).
 Writes out/anomaly_metrics.json and out/anomaly.png.
 """
 import math
@@ -54,7 +59,8 @@ from files import progress_indices, save_figure, write_json
 from hardware import peak_memory_gb, pick_device, set_seed
 from lesions import (CONTRAST_BINS, FROM_10PX, LESION_KINDS, SIZE_BINS, LesionSet, detection_figures,
                      make_lesion_set)
-from maps import METHOD_NAMES, METHODS, Benchmark, Maps, anomaly_maps, code_regions, encode, slices_to_map
+from maps import (METHOD_NAMES, METHODS, POSITION_WINDOW, Benchmark, Maps, NllCalibration, Reference, anomaly_maps,
+                  code_regions, combined_map, encode, scaled_reference, slices_to_map)
 from metrics import average_precision, best_dice, dice_at
 from modules import Priors
 from slices import image_files
@@ -178,7 +184,8 @@ def lesion_benchmark(root, split, image_size, count, seed, cfg: AnomalyConfig, n
                               lesioned_share, cfg.lesion_kinds)
     if lesioned_share and not lesions.lesioned.any():
         raise DataError(f"{split}: no lesion fits into its {len(ids)} slices; use more (--val-slices, --max-slices)")
-    return slices_to_map(split, lesions, slices.slice_idx[ids], cfg.edge_margin, n_conditions, device)
+    return slices_to_map(split, lesions, slices.slice_idx[ids], cfg.edge_margin, n_conditions, device,
+                         slices.case_ids[ids])
 
 
 # ----------------------------------------------------------------------------- chosen on validate
@@ -208,16 +215,33 @@ def choose_heal_threshold(vqvae, priors, bench: Benchmark, cfg: AnomalyConfig, d
     return best, best_maps, tried
 
 
-def healthy_thresholds(vqvae, priors, healthy: Benchmark, cfg: AnomalyConfig, device):
+def healthy_calibration(vqvae, priors, every: Benchmark, n_conditions, device):
+    """The prior's NLL per code cell on every slice of `every` (healthy validate slices), by slice
+    position; an unconditioned prior's slices are pooled over every position."""
+    window = POSITION_WINDOW if n_conditions else math.inf
+    return NllCalibration(encode(vqvae, priors, every, device).nll_levels(), every.slice_idx, every.case_ids, window)
+
+
+def healthy_reference(vqvae, priors, healthy: Benchmark, calibration, threshold, cfg: AnomalyConfig, device,
+                      encoded=None):
+    """The Reference scaled on healthy slices' maps, and those maps (every method's)."""
+    maps = anomaly_maps(vqvae, priors, healthy, threshold, cfg, device, encoded, Reference(calibration))
+    reference = scaled_reference(calibration, maps, healthy.regions)
+    maps.combined = combined_map(maps.healing, maps.calibrated_nll, reference)
+    return reference, maps
+
+
+def healthy_thresholds(vqvae, priors, healthy: Benchmark, calibration, cfg: AnomalyConfig, device):
     """Thresholds from slices without lesions alone: heal the codes rarer than cfg.heal_share of
     the healthy brain codes, and give each map the pixel threshold that cfg.fpr of the healthy
-    brain pixels exceed. -> (heal threshold, {method: pixel threshold}). Reads no mask."""
+    brain pixels exceed. -> (heal threshold, {method: pixel threshold}, Reference). Reads no mask."""
     encoded = encode(vqvae, priors, healthy, device)
     brain_codes = code_regions(healthy.regions, encoded.nll.shape[-1])
     nll = encoded.nll.cpu().numpy()[brain_codes]
     threshold = math.exp(-float(np.quantile(nll, 1 - cfg.heal_share)))
-    maps = anomaly_maps(vqvae, priors, healthy, threshold, cfg, device, encoded)
-    return threshold, {m: float(np.quantile(getattr(maps, m)[healthy.regions], 1 - cfg.fpr)) for m in METHODS}
+    reference, maps = healthy_reference(vqvae, priors, healthy, calibration, threshold, cfg, device, encoded)
+    pixel = {m: float(np.quantile(getattr(maps, m)[healthy.regions], 1 - cfg.fpr)) for m in METHODS}
+    return threshold, pixel, reference
 
 
 def choose_dice_thresholds(maps: Maps, bench: Benchmark):
@@ -257,9 +281,9 @@ def print_table(results):
     print("Dice: at the pixel thresholds set; tuned: at those tuned on validate lesions; best: the best any "
           "threshold reaches on these slices")
     for method in METHODS:
-        by_kind = results[method].get("by_kind", {})
+        by_kind = results[method].get("by_kind_from_10px", {})
         if len(by_kind) > 1:
-            print(f"  {METHOD_NAMES[method]} by lesion kind (slice AUROC / pixel AUPRC): " + ", ".join(
+            print(f"  {METHOD_NAMES[method]} by lesion kind, 10 px and more (slice AUROC / pixel AUPRC): " + ", ".join(
                 f"{kind} {r['slice_auroc']:.2f}/{r['pixel_auprc']:.2f}" for kind, r in by_kind.items()))
 
 
@@ -277,7 +301,8 @@ def save_examples(bench: Benchmark, maps: Maps, path):
     columns = [("slice", lesions.images, "gray", 1.0), ("lesion mask", lesions.masks, "gray", 1.0),
                ("reconstruction error", maps.reconstruction, "magma", None),
                ("code NLL", maps.code_nll, "magma", None), ("healed", maps.healed, "gray", 1.0),
-               ("anomaly map (healing)", maps.healing, "magma", None)]
+               ("healing", maps.healing, "magma", None), ("calibrated NLL", maps.calibrated_nll, "magma", None),
+               ("anomaly map (combined)", maps.combined, "magma", None)]
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.3 * len(rows)), squeeze=False)
     for c, (title, images, cmap, top) in enumerate(columns):
         top = top or float(np.percentile(images[bench.regions], 99.9)) or 1.0  # one scale per column
@@ -308,40 +333,56 @@ def run_anomaly(cfg: AnomalyConfig):
     return run_benchmark(cfg, root, models)
 
 
+class Thresholds(NamedTuple):
+    heal: float            # heal the codes less likely than this
+    pixel: dict            # {method: pixel threshold}
+    set_on: str            # what they were set on
+    validate: dict | None  # the validate lesions' figures, where they were tuned on them
+    seconds: float
+    reference: Reference   # the healthy reference of the calibrated and combined maps
+
+
 def set_thresholds(cfg: AnomalyConfig, root, models: Detector):
-    """-> (heal threshold, {method: pixel threshold}, what they were set on, validate figures or None,
-    seconds): from healthy validate slices (the default), or tuned on validate lesions."""
+    """-> Thresholds: from healthy validate slices (the default), or tuned on validate lesions. The
+    calibrated and combined maps' Reference comes from healthy validate slices either way: the NLL
+    of every one of them, the scales from --val-slices of them."""
     vqvae, priors, image_size, n_conditions, device = models
     started = time.perf_counter()
+    every = lesion_benchmark(root, "validate", image_size, 0, cfg.seed, cfg, n_conditions, device, lesioned_share=0.0)
+    calibration = healthy_calibration(vqvae, priors, every, n_conditions, device)
+    healthy = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device,
+                               lesioned_share=0.0)
     if cfg.thresholds == "healthy":
-        healthy = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device,
-                                   lesioned_share=0.0)
-        threshold, pixel = healthy_thresholds(vqvae, priors, healthy, cfg, device)
+        threshold, pixel, reference = healthy_thresholds(vqvae, priors, healthy, calibration, cfg, device)
         print(f"set on {len(healthy.slice_idx)} healthy validate slices: heal codes below probability "
               f"{threshold:.3g} (the rarest {cfg.heal_share:g} of healthy brain codes); pixel thresholds at "
-              f"--fpr {cfg.fpr:g}")
-        return threshold, pixel, "healthy validate slices", None, time.perf_counter() - started
+              f"--fpr {cfg.fpr:g}; NLL calibrated on all {len(every.slice_idx)}")
+        return Thresholds(threshold, pixel, "healthy validate slices", None, time.perf_counter() - started,
+                          reference)
     val = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device)
     print(f"validate: {len(val.slice_idx)} slices, {val.lesions.lesioned.sum()} with a lesion")
-    threshold, val_maps, tried = choose_heal_threshold(vqvae, priors, val, cfg, device)
+    threshold, _, tried = choose_heal_threshold(vqvae, priors, val, cfg, device)
+    reference, _ = healthy_reference(vqvae, priors, healthy, calibration, threshold, cfg, device)
+    val_maps = anomaly_maps(vqvae, priors, val, threshold, cfg, device, reference=reference)
     pixel = choose_dice_thresholds(val_maps, val)
     figures = {m: detection_figures(getattr(val_maps, m), val.lesions, val.regions, pixel[m]) for m in METHODS}
-    return threshold, pixel, "validate lesions", {"methods": figures, "threshold_search": tried}, \
-        time.perf_counter() - started
+    return Thresholds(threshold, pixel, "validate lesions", {"methods": figures, "threshold_search": tried},
+                      time.perf_counter() - started, reference)
 
 
 def run_benchmark(cfg: AnomalyConfig, root, models: Detector):
     vqvae, priors, image_size, n_conditions, device = models
-    threshold, pixel, set_on, validate, validate_seconds = set_thresholds(cfg, root, models)
+    threshold, pixel, set_on, validate, validate_seconds, reference = set_thresholds(cfg, root, models)
     tuned = pixel
     if cfg.thresholds == "healthy":  # beside them, as a reference: pixel thresholds tuned on validate lesions
         val = lesion_benchmark(root, "validate", image_size, cfg.val_slices, cfg.seed, cfg, n_conditions, device)
-        tuned = choose_dice_thresholds(anomaly_maps(vqvae, priors, val, threshold, cfg, device), val)
+        tuned = choose_dice_thresholds(anomaly_maps(vqvae, priors, val, threshold, cfg, device, reference=reference),
+                                       val)
 
     # the test split is loaded only now, after every threshold is fixed
     test = lesion_benchmark(root, "test", image_size, cfg.max_slices, cfg.seed + 1, cfg, n_conditions, device)
     started = time.perf_counter()
-    maps = anomaly_maps(vqvae, priors, test, threshold, cfg, device)
+    maps = anomaly_maps(vqvae, priors, test, threshold, cfg, device, reference=reference)
     test_seconds = time.perf_counter() - started
     best = best_possible_dice(maps, test)
     results = {}
@@ -375,12 +416,12 @@ def run_on_images(cfg: AnomalyConfig, root, models: Detector):
     if cfg.masks:
         check_masks(files, cfg.masks)
     positions, source = named_positions(files, cfg.slice_position, models.n_conditions)
-    threshold, pixel, set_on, _, _ = set_thresholds(cfg, root, models)
+    threshold, pixel, set_on, _, _, reference = set_thresholds(cfg, root, models)
     print(f"{len(files)} slices from {cfg.images} at {models.image_size}x{models.image_size}; slice positions: "
           f"{source}")
     out_dir = Path(cfg.out_dir)
     started = time.perf_counter()
-    study = Study(files, cfg.masks, positions, threshold, pixel, out_dir)
+    study = Study(files, cfg.masks, positions, threshold, pixel, out_dir, reference)
     scores = map_study(study, models, cfg, batch_slices=max(1, cfg.batch_size // cfg.n_heal))
     seconds = time.perf_counter() - started
     report = {"images": cfg.images, "masks": cfg.masks or None, "n_slices": len(files),

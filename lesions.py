@@ -230,7 +230,8 @@ def detection_figures(maps, lesions: LesionSet, regions, dice_threshold):
     untouched slices (slice score: the map's maximum). "by_size" and "by_contrast": pixel
     figures over the lesioned slices of one bin (by_size also ">=10px", the two larger bins
     together), and slice AUROC of those against every
-    untouched slice. "by_kind": the same for each lesion kind drawn.
+    untouched slice. "by_kind": the same for each lesion kind drawn; "by_kind_from_10px" for
+    each kind's lesions of 10 px and more.
     """
     per_slice = slice_scores(maps, regions)
     untouched = ~lesions.lesioned
@@ -252,4 +253,5 @@ def detection_figures(maps, lesions: LesionSet, regions, dice_threshold):
     if lesions.kinds is not None:
         drawn = [k for k in LESION_KINDS if (lesions.kinds == k).any()]
         result["by_kind"] = {kind: figures(lesions.kinds == kind) for kind in drawn}
+        result["by_kind_from_10px"] = {kind: figures((lesions.kinds == kind) & (size_bin >= 1)) for kind in drawn}
     return result

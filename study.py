@@ -16,7 +16,7 @@ from codes import encode_all
 from errors import DataError
 from files import save_figure, to_uint8, write_atomically
 from lesions import masks_as_lesions, slice_scores
-from maps import METHODS, anomaly_maps, slices_to_map
+from maps import METHOD_NAMES, METHODS, Reference, anomaly_maps, slices_to_map
 from metrics import auroc, average_precision, best_dice
 from prior import most_likely_positions
 from slices import parse_slice_name, read_mask, read_slice
@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 RESERVOIR_PIXELS = 2_000_000  # brain pixels kept for the pixel figures: about 30 MB, exact below it
 REPORT_SLICES = 16            # the highest-scoring slices the report figure shows
+WRITTEN = "combined"          # the map written, overlaid and reported for each slice (maps.METHODS)
 OVERLAY_RED = np.array([255.0, 0.0, 0.0])
 
 
@@ -135,7 +136,7 @@ def save_report(reported, threshold, path):
     """One row per slice, highest score first: the slice, its map, the overlay at the threshold
     and, where masks were given, the mask."""
     with_masks = any(r.mask is not None for r in reported)
-    titles = ["slice", "anomaly map (healing)", "overlay"] + (["mask"] if with_masks else [])
+    titles = ["slice", f"anomaly map ({METHOD_NAMES[WRITTEN]})", "overlay"] + (["mask"] if with_masks else [])
     top = max([float(np.percentile(r.anomaly_map, 99.9)) for r in reported] + [threshold, 1e-12])
     fig, axes = plt.subplots(len(reported), len(titles), figsize=(2.2 * len(titles), 2.3 * len(reported)),
                              squeeze=False)
@@ -185,6 +186,7 @@ class Study(NamedTuple):
     heal_threshold: float
     pixel_thresholds: dict
     out_dir: Path
+    reference: Reference  # from healthy slices, for the calibrated and combined maps
 
 
 def map_study(study: Study, models, cfg, batch_slices):
@@ -208,7 +210,7 @@ def map_study(study: Study, models, cfg, batch_slices):
             csv.write("\n".join(rows) + "\n")
             csv.flush()
             bar.update(len(files))
-    save_report(top.highest_first(), study.pixel_thresholds["healing"], out_dir / "report.png")
+    save_report(top.highest_first(), study.pixel_thresholds[WRITTEN], out_dir / "report.png")
     return scores
 
 
@@ -222,27 +224,27 @@ def map_batch(study: Study, files, start, models, cfg):
                  else inferred_positions(vqvae, priors, images, n_conditions, device))
     bench = slices_to_map("images", masks_as_lesions(images, masks), positions, cfg.edge_margin, n_conditions,
                           device)
-    return bench, anomaly_maps(vqvae, priors, bench, study.heal_threshold, cfg, device)
+    return bench, anomaly_maps(vqvae, priors, bench, study.heal_threshold, cfg, device, reference=study.reference)
 
 
 def score_header(with_masks):
-    return ("file,slice_position," + ",".join(f"{m}_score" for m in METHODS) + ",healing_pixels_above_threshold"
+    return ("file,slice_position," + ",".join(f"{m}_score" for m in METHODS) + f",{WRITTEN}_pixels_above_threshold"
             + (",mask_pixels" if with_masks else ""))
 
 
 def write_batch(study: Study, files, bench, maps, top: TopSlices):
     """Each slice's map and overlay, its entry in `top` -> its rows of anomaly_scores.csv."""
-    threshold, with_masks, rows = study.pixel_thresholds["healing"], bool(study.masks_dir), []
+    threshold, with_masks, rows = study.pixel_thresholds[WRITTEN], bool(study.masks_dir), []
     per_slice = {m: slice_scores(getattr(maps, m), bench.regions) for m in METHODS}
     for i, path in enumerate(files):
-        image, healing, mask = bench.lesions.images[i], maps.healing[i], bench.lesions.masks[i]
+        image, written, mask = bench.lesions.images[i], getattr(maps, WRITTEN)[i], bench.lesions.masks[i]
         write_atomically(study.out_dir / "maps" / f"{path.stem}.npy",
-                         lambda f, a=healing: np.save(f, a.astype(np.float32)))
-        save_overlay(study.out_dir / "overlays" / path.name, image, healing, threshold)
+                         lambda f, a=written: np.save(f, a.astype(np.float32)))
+        save_overlay(study.out_dir / "overlays" / path.name, image, written, threshold)
         scores = [float(per_slice[m][i]) for m in METHODS]
-        top.add(scores[METHODS.index("healing")], path.name, image, healing, mask if with_masks else None)
+        top.add(scores[METHODS.index(WRITTEN)], path.name, image, written, mask if with_masks else None)
         rows.append(f"{path.name},{bench.slice_idx[i]}," + ",".join(f"{s:.6g}" for s in scores)
-                    + f",{int((healing > threshold).sum())}" + (f",{int(mask.sum())}" if with_masks else ""))
+                    + f",{int((written > threshold).sum())}" + (f",{int(mask.sum())}" if with_masks else ""))
     return rows
 
 

@@ -117,6 +117,10 @@ def test_the_figures_are_reported_for_each_kind(slices_128):
     figures = detection_figures(lesions.weights, lesions, regions, 0.5)
     assert set(figures["by_kind"]) == set(LESION_KINDS)
     assert sum(r["n_lesioned"] for r in figures["by_kind"].values()) == lesions.lesioned.sum()
+    from_10px = lesions.lesioned & (lesions.size_bin() >= 1)
+    assert 0 < from_10px.sum() < lesions.lesioned.sum()
+    assert set(figures["by_kind_from_10px"]) == set(LESION_KINDS)
+    assert sum(r["n_lesioned"] for r in figures["by_kind_from_10px"].values()) == from_10px.sum()
 
 
 def test_lesions_are_deterministic_from_the_seed_and_leave_the_input_alone(slices_128):
@@ -303,8 +307,10 @@ def test_thresholds_are_chosen_on_validate_before_the_test_split_is_loaded(tiny_
     data_files = sorted(p.relative_to(tiny_models.data) for p in tiny_models.data.rglob("*"))
     report = run_tiny(tiny_models, tmp_path, monkeypatch, "--thresholds", "lesions", "--threshold", "auto",
                       "--threshold-grid", "0.02", "0.1")
-    assert events == [("load_split_tensor", "validate"), ("choose_heal_threshold", "validate"),
-                      ("choose_dice_thresholds", "validate"), ("load_split_tensor", "test")]
+    # validate is loaded for the healthy reference and for the lesions; test only after every choice
+    assert [e for e in events if e[0] != "load_split_tensor"] == [("choose_heal_threshold", "validate"),
+                                                                  ("choose_dice_thresholds", "validate")]
+    assert events[-1] == ("load_split_tensor", "test") and ("load_split_tensor", "test") not in events[:-1]
     assert report["heal_threshold"] in (0.02, 0.1) and set(report["validate"]["threshold_search"]) == {0.02, 0.1}
     assert sorted(p.relative_to(tiny_models.data) for p in tiny_models.data.rglob("*")) == data_files  # nothing written
 
@@ -338,13 +344,19 @@ def test_healthy_thresholds_see_no_lesion(tiny_models, tmp_path, monkeypatch):
     seen = []
     original = anomaly.healthy_thresholds
 
-    def spy(vqvae, prior, healthy, cfg, device):
+    def spy(vqvae, prior, healthy, calibration, cfg, device):
         seen.append((healthy.split, bool(healthy.lesions.lesioned.any()), bool(healthy.lesions.masks.any())))
-        return original(vqvae, prior, healthy, cfg, device)
+        return original(vqvae, prior, healthy, calibration, cfg, device)
 
+    def calibration_spy(vqvae, prior, every, n_conditions, device):
+        seen.append((every.split, bool(every.lesions.lesioned.any()), bool(every.lesions.masks.any())))
+        return original_calibration(vqvae, prior, every, n_conditions, device)
+
+    original_calibration = anomaly.healthy_calibration
     monkeypatch.setattr(anomaly, "healthy_thresholds", spy)
+    monkeypatch.setattr(anomaly, "healthy_calibration", calibration_spy)
     run_tiny(tiny_models, tmp_path, monkeypatch)
-    assert seen == [("validate", False, False)]
+    assert seen == [("validate", False, False)] * 2
 
 
 @pytest.mark.parametrize("flags", [["--threshold", "1.5"], ["--threshold", "often"], ["--threshold-grid", "0"],
@@ -378,3 +390,56 @@ def test_a_threshold_chosen_at_the_edge_of_the_grid_is_said_and_no_infinity_reac
     json.loads((tmp_path / "out" / "anomaly_metrics.json").read_text(),
                parse_constant=lambda name: pytest.fail(f"{name} in anomaly_metrics.json"))
     assert anomaly.without_nan({"a": [float("inf"), float("nan"), 1.0]}) == {"a": [None, None, 1.0]}
+
+
+# ----------------------------------------------------------------------------- the healthy reference
+
+def test_the_calibrated_nll_is_each_cells_nll_in_healthy_spreads_from_its_healthy_mean():
+    rng = np.random.default_rng(0)
+    # healthy NLL: cell (0, 0) always about 5 nats with spread 2, the others about 1 with spread 0.1
+    n = 400
+    coarse = rng.normal(1.0, 0.1, (n, 2, 2))
+    coarse[:, 0, 0] = rng.normal(5.0, 2.0, n)
+    positions, cases = np.zeros(n, int), np.arange(n) % 10
+    calibration = maps.NllCalibration([coarse], positions, cases.astype(str))
+    slice_ = np.ones((1, 2, 2))
+    slice_[0, 0, 0], slice_[0, 1, 1] = 7.0, 3.0  # one healthy spread above at (0, 0); 20 spreads at (1, 1)
+    z = calibration([slice_], np.zeros(1, int))
+    spread = coarse[:, 0, 0].std()
+    assert z[0, 0, 0] == pytest.approx((7.0 - coarse[:, 0, 0].mean()) / (spread + maps.SPREAD_FLOOR), rel=1e-5)
+    assert z[0, 1, 1] > 4 * z[0, 0, 0]  # the raw NLL ranks them the other way round
+    assert abs(z[0, 0, 1]) < 0.5
+
+
+def test_the_calibration_leaves_out_the_slices_own_subject_and_far_positions():
+    levels = [np.zeros((6, 1, 1))]
+    levels[0][:, 0, 0] = [1.0, 1.0, 3.0, 3.0, 50.0, 50.0]
+    positions = np.array([4, 4, 5, 5, 20, 20])
+    cases = np.array(["a", "b", "a", "b", "a", "b"])
+    calibration = maps.NllCalibration(levels, positions, cases, window=2)
+    # a slice of subject "a" at position 4: its reference is subject b's slices at 4 and 5 (1 and 3)
+    z = calibration([np.full((1, 1, 1), 2.0)], np.array([4]), np.array(["a"]))
+    assert z[0, 0, 0] == pytest.approx(0.0, abs=1e-6)
+    z_new = calibration([np.full((1, 1, 1), 3.0)], np.array([4]))  # a new subject: all four near slices
+    assert z_new[0, 0, 0] == pytest.approx((3.0 - 2.0) / (1.0 + maps.SPREAD_FLOOR), rel=1e-5)
+
+
+def test_the_fine_levels_calibrated_nll_is_averaged_over_each_coarse_cell_and_added():
+    n = 50
+    coarse, fine = np.zeros((n, 2, 2)), np.zeros((n, 4, 4))
+    calibration = maps.NllCalibration([coarse, fine], np.zeros(n, int), np.arange(n).astype(str))
+    slice_fine = np.zeros((1, 4, 4))
+    slice_fine[0, 0, 0] = 4 * maps.SPREAD_FLOOR  # one of the four fine codes under coarse cell (0, 0)
+    z = calibration([np.zeros((1, 2, 2)), slice_fine], np.zeros(1, int))
+    assert z[0, 0, 0] == pytest.approx(1.0) and (z[0].ravel()[1:] == 0).all()
+
+
+def test_the_combined_map_adds_healing_and_calibrated_nll_each_over_its_healthy_scale():
+    healthy = maps.Maps(reconstruction=None, code_nll=None, healing=np.full((2, 4, 4), 0.5), healed=None,
+                        healed_share=0.0, calibrated_nll=np.full((2, 4, 4), 4.0))
+    healthy.healing[0, 0, 0], healthy.calibrated_nll[0, 0, 0] = 0.0, -2.0
+    regions = np.ones((2, 4, 4), bool)
+    reference = maps.scaled_reference(None, healthy, regions)
+    assert reference.healing_scale == 0.5 and reference.calibrated_scale == 4.0
+    combined = maps.combined_map(np.array([1.0]), np.array([2.0]), reference)
+    assert combined[0] == pytest.approx(1.0 / 0.5 + 2.0 / 4.0)

@@ -54,6 +54,11 @@ def test_a_planted_foreign_patch_is_found_and_empty_masks_give_no_lesion_pixels(
     patched = [float(r["healing_score"]) for r in rows if int(r["file"][5]) % 2 == 0]
     clean = [float(r["healing_score"]) for r in rows if int(r["file"][5]) % 2 == 1]
     assert min(patched) > max(clean)  # the patch stands out of every untouched slice
+    combined = {r["file"]: float(r["combined_score"]) for r in rows}
+    assert min(combined[f"scan_{i}.png"] for i in (0, 2)) > max(combined[f"scan_{i}.png"] for i in (1, 3))
+    # the map written is the combined one, whose highest value in the brain is the slice's score
+    assert np.load(tmp_path / "maps" / "scan_0.npy").max() == pytest.approx(combined["scan_0.png"], rel=1e-5)
+    assert "combined_pixels_above_threshold" in header
     assert [int(r["mask_pixels"]) for r in rows if int(r["file"][5]) % 2 == 1] == [0, 0]
     figures = json.loads((tmp_path / "anomaly_metrics.json").read_text())["methods"]["healing"]
     assert figures["slice_auroc"] == 1.0 and figures["best_possible_dice"] >= figures["dice"] >= 0
