@@ -59,8 +59,8 @@ from files import progress_indices, save_figure, write_json
 from hardware import peak_memory_gb, pick_device, set_seed
 from lesions import (CONTRAST_BINS, FROM_10PX, LESION_KINDS, SIZE_BINS, LesionSet, detection_figures,
                      make_lesion_set)
-from maps import (METHOD_NAMES, METHODS, POSITION_WINDOW, Benchmark, Maps, NllCalibration, Reference, anomaly_maps,
-                  code_regions, combined_map, encode, scaled_reference, slices_to_map)
+from maps import (METHOD_NAMES, METHODS, Benchmark, Maps, Reference, anomaly_maps, code_regions, encode,
+                  healthy_calibration, healthy_reference, slices_to_map)
 from metrics import average_precision, best_dice, dice_at
 from modules import Priors
 from slices import image_files
@@ -213,22 +213,6 @@ def choose_heal_threshold(vqvae, priors, bench: Benchmark, cfg: AnomalyConfig, d
         print(f"warning: the chosen threshold {best:g} is at the edge of --threshold-grid; a value beyond it "
               f"may score better")
     return best, best_maps, tried
-
-
-def healthy_calibration(vqvae, priors, every: Benchmark, n_conditions, device):
-    """The prior's NLL per code cell on every slice of `every` (healthy validate slices), by slice
-    position; an unconditioned prior's slices are pooled over every position."""
-    window = POSITION_WINDOW if n_conditions else math.inf
-    return NllCalibration(encode(vqvae, priors, every, device).nll_levels(), every.slice_idx, every.case_ids, window)
-
-
-def healthy_reference(vqvae, priors, healthy: Benchmark, calibration, threshold, cfg: AnomalyConfig, device,
-                      encoded=None):
-    """The Reference scaled on healthy slices' maps, and those maps (every method's)."""
-    maps = anomaly_maps(vqvae, priors, healthy, threshold, cfg, device, encoded, Reference(calibration))
-    reference = scaled_reference(calibration, maps, healthy.regions)
-    maps.combined = combined_map(maps.healing, maps.calibrated_nll, reference)
-    return reference, maps
 
 
 def healthy_thresholds(vqvae, priors, healthy: Benchmark, calibration, cfg: AnomalyConfig, device):

@@ -279,3 +279,18 @@ def anomaly_maps(vqvae, priors: Priors, bench: Benchmark, threshold, cfg, device
     return maps
 
 
+def healthy_calibration(vqvae, priors, every: Benchmark, n_conditions, device):
+    """The prior's NLL per code cell on every slice of `every` (healthy validate slices), by slice
+    position; an unconditioned prior's slices are pooled over every position."""
+    window = POSITION_WINDOW if n_conditions else math.inf
+    return NllCalibration(encode(vqvae, priors, every, device).nll_levels(), every.slice_idx, every.case_ids, window)
+
+
+def healthy_reference(vqvae, priors, healthy: Benchmark, calibration, threshold, cfg, device,
+                      encoded=None):
+    """The Reference scaled on healthy slices' maps, and those maps (every method's); cfg: as
+    anomaly_maps takes it."""
+    maps = anomaly_maps(vqvae, priors, healthy, threshold, cfg, device, encoded, Reference(calibration))
+    reference = scaled_reference(calibration, maps, healthy.regions)
+    maps.combined = combined_map(maps.healing, maps.calibrated_nll, reference)
+    return reference, maps
