@@ -12,7 +12,8 @@ at each level in healthy spreads above what healthy validate slices have at the 
 and slice position. The anomaly map a user gets, "combined", adds the two, each over its 99th
 percentile on healthy slices: healing finds what differs from the prior's redrawing, the
 calibrated NLL what is unlikely for its place. Beside them: the plain reconstruction error and
-the prior's raw per-code NLL.
+the prior's raw per-code NLL. Healing draws and decodes in bf16 where the device has fast bf16
+kernels (--dtype auto); the codes and NLL that choose what is healed stay float32.
 
 Thresholds are set on healthy slices alone by default (--thresholds healthy): validate slices of
 --data without lesions; heal the codes rarer than --heal-share of their brain codes, and give
@@ -42,7 +43,7 @@ Writes out/anomaly_metrics.json and out/anomaly.png.
 """
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,7 +57,7 @@ from codes import to_unit
 from dataset import load_split_tensor, resolve_data_root
 from errors import DataError, FlagError
 from files import progress_indices, save_figure, write_json
-from hardware import peak_memory_gb, pick_device, set_seed
+from hardware import peak_memory_gb, pick_device, resolve_dtype, set_seed
 from lesions import (CONTRAST_BINS, FROM_10PX, LESION_KINDS, SIZE_BINS, LesionSet, detection_figures,
                      make_lesion_set)
 from maps import (METHOD_NAMES, METHODS, Benchmark, Maps, Reference, anomaly_maps, code_regions, encode,
@@ -130,6 +131,10 @@ class AnomalyConfig(TrainedModels):
                                 "mapped at a time, which sets the memory a folder of any size takes", minimum=1)
     seed: int = opt(0, "seed of the lesions (validate: this seed, test: the next) and of healing")
     device: str = opt("auto", "cuda, cpu, or auto (cuda when available)")
+    dtype: str = opt("auto", "precision of healing (drawing codes and decoding the healed slices; the slices' "
+                             "codes and NLL stay float32): auto = bfloat16 where the device has fast bf16 kernels "
+                             "(CUDA, CPUs with AVX-512 BF16), float32 elsewhere",
+                     choices=["auto", "float32", "bfloat16"])
 
 
 # ----------------------------------------------------------------------------- flags
@@ -308,6 +313,7 @@ def save_examples(bench: Benchmark, maps: Maps, path):
 def run_anomaly(cfg: AnomalyConfig):
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     pair = load_trained_pair(cfg, device)
     models = Detector(pair.vqvae, pair.priors, image_size_of(pair.vqvae_ckpt),
                       pair.prior_ckpt["model_config"]["n_conditions"], device)

@@ -210,12 +210,14 @@ def heal_levels(priors: Priors, encoded: Encoded, who, flagged, cond, generator,
 
 @torch.no_grad()
 def heal(vqvae, priors: Priors, bench: Benchmark, encoded: Encoded, threshold, n_heal, batch_size, seed, device,
-         combine):
+         combine, dtype="float32"):
     """Heal every slice n_heal times -> (|slice - healed| (N, H, W) combined over the healed versions by
     `combine`, mean healed slice, flags).
 
     The n_heal copies of every slice are healed together, batch_size code grids at a time; the
-    progress bar counts the code rows of every level, the detail prior's included."""
+    progress bar counts the code rows of every level, the detail prior's included. dtype
+    "bfloat16" draws and decodes the healed codes under bf16 autocast (the codes and their NLL,
+    which choose what is healed, stay float32)."""
     flagged = encoded.nll > -math.log(threshold)
     owners = torch.arange(len(encoded.coarse), device=device).repeat_interleave(n_heal)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -225,8 +227,9 @@ def heal(vqvae, priors: Priors, bench: Benchmark, encoded: Encoded, threshold, n
     with tqdm(total=rows * len(chunks), desc=f"healing {bench.split}", unit="row", leave=False) as bar:
         for who in chunks:
             cond = bench.cond[who] if bench.cond is not None else None
-            codes = heal_levels(priors, encoded, who, flagged, cond, generator, bar)
-            healed.append(decode_all(vqvae, codes)[:, 0].numpy())
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                codes = heal_levels(priors, encoded, who, flagged, cond, generator, bar)
+                healed.append(decode_all(vqvae, codes)[:, 0].numpy())
     images = bench.lesions.images
     healed = np.concatenate(healed).reshape(len(images), n_heal, *images.shape[1:])
     differences = np.abs(images[:, None] - healed)
@@ -263,12 +266,12 @@ def code_regions(regions, grid_side):
 def anomaly_maps(vqvae, priors: Priors, bench: Benchmark, threshold, cfg, device, encoded=None,
                  reference: Reference | None = None):
     """The maps of a benchmark's slices, healing the codes rarer than `threshold`; cfg: the map
-    settings of anomaly.AnomalyConfig (n_heal, batch_size, seed, combine, smooth); `encoded` saves
+    settings of anomaly.AnomalyConfig (n_heal, batch_size, seed, combine, smooth, dtype); `encoded` saves
     encoding the slices again. The calibrated and combined maps only with a `reference`."""
     if encoded is None:
         encoded = encode(vqvae, priors, bench, device)
     differences, healed, flagged = heal(vqvae, priors, bench, encoded, threshold, cfg.n_heal, cfg.batch_size,
-                                        cfg.seed, device, cfg.combine)
+                                        cfg.seed, device, cfg.combine, cfg.dtype)
     grid_regions = code_regions(bench.regions, flagged.shape[-1])
     maps = Maps(reconstruction_error_map(bench, encoded, cfg.smooth), code_nll_map(bench, encoded),
                 healing_map(bench, differences, flagged, cfg.smooth), healed,

@@ -392,9 +392,13 @@ class CodeEmbedding(nn.Module):
         nn.init.normal_(self.position, std=0.02)
 
     def forward(self, indices, row_offset=0, col_offset=0):
-        """indices (B, h, w), rows starting at row_offset, columns at col_offset -> (B, hidden, h, w)."""
+        """indices (B, h, w), rows starting at row_offset, columns at col_offset -> (B, hidden, h, w).
+        col_offset may also be a (B,) tensor: one-row bands (h = 1), each from its own column."""
         h, w = indices.shape[1:]
         x = self.codes(indices).permute(0, 3, 1, 2)
+        if torch.is_tensor(col_offset):
+            cols = col_offset[:, None] + torch.arange(w, device=indices.device)
+            return x + self.position[0, :, row_offset, cols].permute(1, 0, 2)[:, :, None]
         return x + self.position[:, :, row_offset:row_offset + h, col_offset:col_offset + w]
 
 

@@ -45,6 +45,43 @@ def row_band(model, codes, features, biases, row, col, who=None):
     return model.horizontal_logits(band, left, here, row, start)[:, :, 0, -1]
 
 
+def bands_at(model, codes, features, biases, row, cols, who):
+    """row_band for a different column per slice: the logits (m, num_codes) of the slices `who` (m,),
+    each at its own column cols (m,) of `row`, from one pass of the horizontal stacks over bands of
+    one width, each starting where its own column's view starts (or at the row's start: columns
+    right of a code never reach it)."""
+    seen = min(columns_seen(model.cfg), codes.shape[-1])
+    starts = (cols + 1 - seen).clamp(min=0)
+    columns = starts[:, None] + torch.arange(seen, device=codes.device)
+
+    def gather(tensor):
+        """A (n, channels, 1, width) tensor's band of every slice of who -> (m, channels, 1, seen)."""
+        if tensor is None or tensor.shape[-2:] == (1, 1):
+            return None if tensor is None else tensor[who]
+        return tensor[who[:, None], :, 0, columns].permute(0, 2, 1)[:, :, None]  # picked band by band, not row by row
+    band = codes[who[:, None], row, columns][:, None]
+    logits = model.horizontal_logits(band, [gather(f) for f in features], [gather(b) for b in biases.at(row)],
+                                     row, starts)
+    return logits[torch.arange(len(who), device=codes.device), :, 0, cols - starts]
+
+
+def flags_in_turn(flags):
+    """A row's flags (n, width) as turns (slices, columns): turn k holds every slice's k-th flagged
+    column, so each slice's codes are drawn left to right, every slice's at once."""
+    turn = flags.long().cumsum(dim=1) - 1
+    for k in range(int(flags.sum(dim=1).max())):
+        yield (flags & (turn == k)).nonzero(as_tuple=True)
+
+
+def padded_to_power_of_two(who, cols):
+    """A turn's slices and columns repeated up to a power of two in number: the bands then come in
+    a handful of shapes, where oneDNN builds (and keeps, with its buffers) a convolution for each
+    new one; a turn of every possible size took hundreds of MB more."""
+    size = 1 << (len(who) - 1).bit_length()
+    extra = torch.zeros(size - len(who), dtype=who.dtype, device=who.device)
+    return torch.cat([who, who[extra]]), torch.cat([cols, cols[extra]])
+
+
 def slice_conditions(slice_idx, n_conditions, device=None):
     """What a prior of n_conditions slice positions is conditioned on: the slices' positions
     as a long tensor, or None for a prior conditioned on nothing."""
@@ -156,26 +193,28 @@ def heal_codes(model, codes, resample, cond=None, temperature=1.0, generator=Non
     the codes before it as healed so far; every other code is kept ("healing", Pinaya et al.,
     Medical Image Analysis 2022). codes, resample: (n, height, width); returns new codes.
 
-    Only the slices flagged at a position are drawn there, and rows where no slice has a flag
-    cost only the gated model's one-row step of its vertical stacks (VerticalStacks)."""
+    Only the slices flagged at a position are drawn there. A row is drawn in turns, each slice's
+    k-th flagged code in turn k (bands_at: one pass of the horizontal stacks for every slice at
+    once), so a row costs as many passes as one slice has flags in it, not as many as all slices
+    together; rows where no slice has a flag cost only the gated model's one-row step of its
+    vertical stacks (VerticalStacks)."""
     healed = codes.clone()
     n, height, width = codes.shape
-    flagged = resample.any(dim=0).cpu()
-    rows = flagged.any(dim=1).nonzero()[:, 0].tolist()
+    rows = resample.any(dim=2).any(dim=0).nonzero()[:, 0].tolist()
     last_row = rows[-1] if rows else -1
     gated = isinstance(model, GatedPixelCNN)
     biases = RowBiases(model, cond) if gated else None
     stacks = VerticalStacks(model, n, width, biases) if gated else None
     for row in range(last_row + 1):
-        for col in flagged[row].nonzero()[:, 0].tolist():
-            who = resample[:, row, col].nonzero()[:, 0]
-            who_cond = cond[who] if cond is not None else None
+        for who, cols in flags_in_turn(resample[:, row]):
             if gated:
-                logits = row_band(model, healed, stacks.features, biases, row, col, who)
+                padded_who, padded_cols = padded_to_power_of_two(who, cols)
+                logits = bands_at(model, healed, stacks.features, biases, row, padded_cols, padded_who)[:len(who)]
             else:
-                logits = model(healed[who, :row + 1], who_cond)[:, :, row, col]
+                logits = model(healed[who, :row + 1], None if cond is None else cond[who])[
+                    torch.arange(len(who), device=codes.device), :, row, cols]
             probs = F.softmax(logits.float() / temperature, dim=1)
-            healed[who, row, col] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            healed[who, row, cols] = torch.multinomial(probs, 1, generator=generator)[:, 0]
         if gated:
             stacks.advance(healed[:, row], row)
         if progress is not None:

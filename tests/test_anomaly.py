@@ -15,7 +15,7 @@ from lesions import (LESION_KINDS, RING_CORE, LesionSet, csf_level, detection_fi
                      make_lesion_set)
 from metrics import auroc, average_precision, best_dice, dice_at
 from modules import PixelCNNConfig, Priors, build_prior
-from prior import RowBiases, VerticalStacks, heal_codes, sample_codes
+from prior import RowBiases, VerticalStacks, bands_at, heal_codes, padded_to_power_of_two, sample_codes
 
 
 @pytest.fixture(scope="module")
@@ -218,26 +218,47 @@ def test_vertical_stacks_a_row_at_a_time_match_the_whole_grid():
         stacks.advance(codes[:, row], row)
 
 
-def test_healing_works_only_where_some_slice_has_a_flag(monkeypatch):
+def test_healing_works_only_where_some_slice_has_a_flag_in_turns_of_one_flag_per_slice(monkeypatch):
     model = tiny_prior()
     flags = torch.zeros(4, 6, 6, dtype=torch.bool)
-    flags[0, 1, 2] = flags[3, 1, 2] = flags[2, 4, 0] = True
+    flags[0, 1, 2] = flags[3, 1, 2] = flags[3, 1, 4] = flags[2, 4, 0] = True
     seen = []
     original = model.horizontal_logits
 
     def spy(band, left, biases, row, col_offset):
-        seen.append((row, col_offset + band.shape[-1] - 1, len(band)))
+        seen.append((row, len(band)))
         return original(band, left, biases, row, col_offset)
 
     monkeypatch.setattr(model, "horizontal_logits", spy)
     heal_codes(model, torch.randint(0, 16, (4, 6, 6)), flags, torch.zeros(4, dtype=torch.long))
-    assert seen == [(1, 2, 2), (4, 0, 1)]  # one call per flagged position, for the flagged slices only
+    # row 1: slices 0 and 3 at their first flag together, then slice 3's second; row 4: slice 2
+    assert seen == [(1, 2), (1, 1), (4, 1)]
+
+
+def test_a_turn_is_padded_to_a_power_of_two_with_its_own_slices():
+    for m, size in ((1, 1), (2, 2), (3, 4), (5, 8), (64, 64)):
+        who, cols = torch.arange(10, 10 + m), torch.arange(m) % 6
+        padded_who, padded_cols = padded_to_power_of_two(who, cols)
+        assert len(padded_who) == len(padded_cols) == size
+        assert torch.equal(padded_who[:m], who) and torch.equal(padded_cols[:m], cols)
+        assert set(zip(padded_who[m:].tolist(), padded_cols[m:].tolist())) <= set(zip(who.tolist(), cols.tolist()))
+
+
+def test_bands_at_a_column_per_slice_match_the_whole_grid():
+    model = tiny_prior()
+    codes, cond = torch.randint(0, 16, (5, 6, 6)), torch.tensor([0, 1, 2, 3, 1])
+    whole = model(codes, cond)
+    features = model.vertical_features(codes, model.layer_biases(cond))
+    row, who, cols = 3, torch.tensor([0, 2, 3, 4]), torch.tensor([0, 5, 2, 4])  # views cut by the left edge and not
+    logits = bands_at(model, codes, [f[:, :, row:row + 1] for f in features], RowBiases(model, cond), row, cols, who)
+    torch.testing.assert_close(logits, whole[who, :, row, cols])
 
 
 # ----------------------------------------------------------------------------- the maps, with trained models
 
-@pytest.mark.parametrize("combine", ["mean", "min"])
-def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combine):
+def foreign_patch(tiny_models):
+    """The tiny models and the test slices with a patch of background in the middle of each brain
+    -> (vqvae, prior, Benchmark, patch)."""
     vqvae, _ = load_vqvae(tiny_models.vqvae, "cpu")
     prior, _ = load_prior(tiny_models.prior, "cpu")
     images_u8, slices = load_split_tensor(tiny_models.data, "test", 32, cache_dir=None, progress=False)
@@ -249,6 +270,13 @@ def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combin
     regions = np.stack([brain_region(image) for image in images])
     assert regions[patch].all()
     bench = maps.Benchmark("test", lesions, regions, regions, torch.as_tensor(slices.slice_idx), slices.slice_idx)
+    return vqvae, prior, bench, patch
+
+
+@pytest.mark.parametrize("combine", ["mean", "min"])
+def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combine):
+    vqvae, prior, bench, patch = foreign_patch(tiny_models)
+    regions = bench.regions
     found = maps.anomaly_maps(vqvae, Priors(prior), bench, 0.05, anomaly.AnomalyConfig(n_heal=2, combine=combine),
                               "cpu")
 
@@ -266,6 +294,27 @@ def test_a_foreign_patch_scores_higher_than_untouched_tissue(tiny_models, combin
     ratio, separation = contrast(found.healing)
     outscored = (found.healing[regions & ~patch] < found.healing[patch].mean()).mean()
     assert ratio > 1.3 and separation > 0.7 and outscored > 0.8, (ratio, separation, outscored)
+
+
+def test_healing_in_bfloat16_draws_and_decodes_under_autocast(tiny_models, monkeypatch):
+    vqvae, prior, bench, _ = foreign_patch(tiny_models)
+    encoded = maps.encode(vqvae, Priors(prior), bench, "cpu")
+    under_autocast = []
+    original = maps.heal_levels
+
+    def spy(*args):
+        under_autocast.append(torch.is_autocast_enabled("cpu"))
+        return original(*args)
+
+    monkeypatch.setattr(maps, "heal_levels", spy)
+    nothing_flagged = 1e-30
+    for dtype in ("float32", "bfloat16"):
+        _, healed, flagged = maps.heal(vqvae, Priors(prior), bench, encoded, nothing_flagged, 2, 8, 0, "cpu", "min",
+                                       dtype)
+        assert not flagged.any()
+        # nothing redrawn: the healed slices are the slices' own codes decoded, in bf16 within its precision
+        assert np.abs(healed - encoded.reconstructions).max() < (1e-6 if dtype == "float32" else 0.03)
+    assert under_autocast == [False, True]
 
 
 def test_the_maps_leave_out_a_band_along_the_brains_edge():

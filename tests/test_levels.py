@@ -18,7 +18,7 @@ from checkpoint import TrainedModels, load_prior, load_trained_pair, load_vqvae
 from codes import decode_all, encode_all_levels
 from errors import CheckpointError, FlagError
 from modules import PixelCNNConfig, Priors, VQVAE, VQVAEConfig, build_prior
-from prior import RowBiases, heal_codes, sample_codes, sample_fine, sample_levels
+from prior import RowBiases, bands_at, heal_codes, sample_codes, sample_fine, sample_levels
 
 
 def detail_prior(num_codes=10, context_codes=7, grid_size=8, n_layers=2):
@@ -303,3 +303,12 @@ def test_a_detail_priors_biases_are_made_a_row_at_a_time_and_match_the_whole_gri
     for row in (0, 5, 7):
         for at_row, full in zip(rows.at(row), whole):
             torch.testing.assert_close(at_row, full[:, :, row:row + 1])
+
+
+def test_a_detail_priors_bands_at_a_column_per_slice_match_the_whole_grids():
+    model, coarse, fine = detail_prior(), torch.randint(0, 7, (4, 4, 4)), torch.randint(0, 10, (4, 8, 8))
+    whole = model(fine, coarse)
+    features = model.vertical_features(fine, model.layer_biases(coarse))
+    row, who, cols = 5, torch.tensor([1, 2, 3]), torch.tensor([7, 1, 4])
+    logits = bands_at(model, fine, [f[:, :, row:row + 1] for f in features], RowBiases(model, coarse), row, cols, who)
+    torch.testing.assert_close(logits, whole[who, :, row, cols])
