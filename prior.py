@@ -55,10 +55,14 @@ def bands_at(model, codes, features, biases, row, cols, who):
     columns = starts[:, None] + torch.arange(seen, device=codes.device)
 
     def gather(tensor):
-        """A (n, channels, 1, width) tensor's band of every slice of who -> (m, channels, 1, seen)."""
-        if tensor is None or tensor.shape[-2:] == (1, 1):
-            return None if tensor is None else tensor[who]
-        return tensor[who[:, None], :, 0, columns].permute(0, 2, 1)[:, :, None]  # picked band by band, not row by row
+        """A (n, channels, 1, width) tensor's band of each slice of who -> (m, channels, 1, seen); a
+        per-slice bias (1x1) of each slice of who as it is."""
+        if tensor is None:
+            return None
+        if tensor.shape[-2:] == (1, 1):
+            return tensor[who]
+        # slices and columns indexed together: only the bands are copied, never whole rows
+        return tensor[who[:, None], :, 0, columns].permute(0, 2, 1)[:, :, None]
     band = codes[who[:, None], row, columns][:, None]
     logits = model.horizontal_logits(band, [gather(f) for f in features], [gather(b) for b in biases.at(row)],
                                      row, starts)
