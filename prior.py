@@ -30,26 +30,12 @@ class RowBiases:
         return self.biases
 
 
-def row_band(model, codes, features, biases, row, col, who=None):
-    """The gated model's logits at (row, col) from the one-row band that its horizontal stacks
-    see there: the columns left of it within columns_seen, exact because nothing else reaches it.
-    biases: RowBiases; who: the slices wanted (None: all); each tensor is cropped before they
-    are picked."""
-    start = max(0, col + 1 - columns_seen(model.cfg))
-
-    def pick(tensor):
-        return tensor if who is None or tensor is None else tensor[who]
-    band = pick(codes[:, row:row + 1, start:col + 1])
-    left = [pick(f[..., start:col + 1]) for f in features]
-    here = [pick(crop(b, slice(None), slice(start, col + 1))) for b in biases.at(row)]
-    return model.horizontal_logits(band, left, here, row, start)[:, :, 0, -1]
-
-
 def bands_at(model, codes, features, biases, row, cols, who):
-    """row_band for a different column per slice: the logits (m, num_codes) of the slices `who` (m,),
-    each at its own column cols (m,) of `row`, from one pass of the horizontal stacks over bands of
-    one width, each starting where its own column's view starts (or at the row's start: columns
-    right of a code never reach it)."""
+    """The gated model's logits (m, num_codes) for the slices `who` (m,), each at its own column
+    cols (m,) of `row`, from one pass of its horizontal stacks over one-row bands: each band holds
+    the columns left of its code that the stacks see (columns_seen; from the row's start where
+    fewer), exact because rows never mix there and later columns never reach a code.
+    features: VerticalStacks.features; biases: RowBiases."""
     seen = min(columns_seen(model.cfg), codes.shape[-1])
     starts = (cols + 1 - seen).clamp(min=0)
     columns = starts[:, None] + torch.arange(seen, device=codes.device)
@@ -116,10 +102,12 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
 
     The gated model advances its vertical stacks one finished row at a time (VerticalStacks)
     and runs only the cheap horizontal stack, over the columns it sees left of and at the
-    position (row_band), per position; exact because rows never mix there.
+    position (bands_at, every slice at the same column), per position; exact because rows never
+    mix there.
     """
     device = next(model.parameters()).device
     codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
+    everyone = torch.arange(n, device=device)
     gated = isinstance(model, GatedPixelCNN)
     biases = RowBiases(model, cond) if gated else None
     stacks = VerticalStacks(model, n, width, biases) if gated else None
@@ -127,7 +115,8 @@ def sample_codes(model, n, height, width, cond=None, temperature=1.0, generator=
         for col in range(width):
             # Outputs at (row, col) never depend on later rows or columns, so they are cropped away.
             if gated:
-                logits = row_band(model, codes, stacks.features, biases, row, col)
+                logits = bands_at(model, codes, stacks.features, biases, row, torch.full_like(everyone, col),
+                                  everyone)
             else:
                 logits = model(codes[:, :row + 1], cond)[:, :, row, col]
             probs = nucleus(F.softmax(logits.float() / temperature, dim=1), top_p)
